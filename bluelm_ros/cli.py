@@ -1,0 +1,48 @@
+"""The `bluelm-ros` command line: demo, export, conversion, training, evaluation, benchmarks.
+
+Subcommands import their (possibly heavy, possibly torch) modules lazily so `bluelm-ros
+--help` and the runtime commands work on a robot without torch.
+"""
+import argparse
+import importlib
+import sys
+
+# name -> (module, help). Each module provides add_arguments(parser) and run(args).
+COMMANDS = {}
+
+
+def register(name, module, help_text):
+    """Add a subcommand implemented by `module` (add_arguments(parser), run(args))."""
+    COMMANDS[name] = (module, help_text)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='bluelm-ros', description='DSNet segmentation and BlueLM-V scene QA for ROS 2.')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError as exc:  # e.g. torch missing on a robot: keep the CLI usable
+            p.set_defaults(_import_error=exc)
+    return parser
+
+
+def main(argv=None):
+    """Run the CLI; return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, '_import_error', None):
+        print(f'bluelm-ros {args.command}: {args._import_error} '
+              '(install the extra: pip install "bluelm-ros[train]")', file=sys.stderr)
+        return 2
+    return importlib.import_module(args._module).run(args) or 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
