@@ -8,7 +8,9 @@ import importlib
 import sys
 
 # name -> (module, help). Each module provides add_arguments(parser) and run(args).
-COMMANDS = {}
+COMMANDS = {
+    'dsnet-train': ('bluelm_ros.seg.train', 'train DSNet (synthetic scenes, Cityscapes, ADE20K)'),
+}
 
 
 def register(name, module, help_text):

@@ -1,0 +1,1 @@
+"""Semantic segmentation models (DSNet) and their checkpoint loaders."""

@@ -1,0 +1,1 @@
+"""BlueLM-V model side: configs, dynamic resolution, PyTorch model, converters, tokenizer."""
