@@ -10,6 +10,9 @@ import sys
 # name -> (module, help). Each module provides add_arguments(parser) and run(args).
 COMMANDS = {
     'dsnet-train': ('bluelm_ros.seg.train', 'train DSNet (synthetic scenes, Cityscapes, ADE20K)'),
+    'dsnet-export': ('bluelm_ros.seg.export',
+                     'official DSNet checkpoint -> static ONNX (FP32, optional INT8)'),
+    'dsnet-eval': ('bluelm_ros.seg.evaluate', 'evaluate exported DSNet models (mIoU)'),
 }
 
 
