@@ -336,3 +336,10 @@ def encode_compressed(array_rgb, fmt='jpeg', quality=90, header=None, msg_type=N
     msg.format = f'{src_enc}; {fmt} compressed {wire_enc}'
     msg.data = _to_message_bytes(encoded)
     return msg
+
+
+def frame_to_numpy(msg, max_pixels=DEFAULT_MAX_PIXELS):
+    """Decode an Image or CompressedImage message; return (array, color_order)."""
+    if hasattr(msg, 'format'):
+        return compressed_to_numpy(msg, max_pixels)
+    return image_to_numpy(msg, max_pixels)
