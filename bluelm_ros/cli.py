@@ -13,6 +13,7 @@ COMMANDS = {
     'dsnet-export': ('bluelm_ros.seg.export',
                      'official DSNet checkpoint -> static ONNX (FP32, optional INT8)'),
     'dsnet-eval': ('bluelm_ros.seg.evaluate', 'evaluate exported DSNet models (mIoU)'),
+    'vlm-train': ('bluelm_ros.vlm.train', 'train the scene-QA BlueLM-V model (synthetic scenes)'),
     'bringup': ('bluelm_ros.nodes.bringup',
                 'run segmentation + scene QA (+ demo camera) in one process from a YAML'),
     'demo': ('bluelm_ros.demo', 'the main job: both nodes on the shipped models, answers '

@@ -25,9 +25,9 @@ def ros_context():
 class SpinThread:
     """A MultiThreadedExecutor spinning in a background thread, stopped cleanly."""
 
-    def __init__(self, *nodes):
+    def __init__(self, *nodes, num_threads=4):
         from rclpy.executors import MultiThreadedExecutor
-        self.executor = MultiThreadedExecutor(num_threads=4)
+        self.executor = MultiThreadedExecutor(num_threads=num_threads)
         for node in nodes:
             self.executor.add_node(node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -48,11 +48,28 @@ def spin(ros_context):
     """Start executors for nodes; stop them at teardown."""
     spinners = []
 
-    def start(*nodes):
-        s = SpinThread(*nodes)
+    def start(*nodes, num_threads=4):
+        s = SpinThread(*nodes, num_threads=num_threads)
         spinners.append(s)
         return s
 
     yield start
     for s in spinners:
         s.stop()
+
+
+@pytest.fixture(scope='session')
+def tiny_vlm_bundle(tmp_path_factory):
+    """A random-weight BlueLM-V bundle (configs/tiny-test.json): INT8 vision, INT4 decoder.
+
+    Answers are gibberish but every graph, the tokenizer and the bundle checks are real.
+    Built once per test session (a few seconds; needs torch + onnx, the dev extra).
+    """
+    pytest.importorskip('torch')
+    pytest.importorskip('onnx')
+    from bluelm_ros.vlm.config import load_config
+    from bluelm_ros.vlm.export import ExportOptions, export_bundle, random_model
+    out = str(tmp_path_factory.mktemp('tiny_vlm_bundle'))
+    export_bundle(random_model(load_config('tiny-test')), out,
+                  ExportOptions(vision=('int8',), decoder=('int4',)))
+    return out

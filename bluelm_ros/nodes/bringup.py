@@ -57,21 +57,27 @@ def create_nodes(params='', namespace='', camera_topic='/camera/image_raw',
     extra = extra_params or {}
     nodes = {}
     image = [('image', camera_topic)]
-    if camera_source:
-        from rclpy.parameter import Parameter
-        overrides = [Parameter('source', value=camera_source)] + extra.get('camera_source', [])
-        nodes['camera_source'] = CameraSourceNode(
-            'camera_source', cli_args=node_args(params, namespace, image),
-            parameter_overrides=overrides)
-    if segmentation:
-        nodes['segmentation_node'] = SegmentationNode(
-            'segmentation_node', cli_args=node_args(params, namespace, image),
-            parameter_overrides=extra.get('segmentation_node', []))
-    if scene_qa:
-        remaps = image + [('scene_context', 'segmentation_node/class_stats')]
-        nodes['scene_qa_node'] = SceneQANode(
-            'scene_qa_node', cli_args=node_args(params, namespace, remaps),
-            parameter_overrides=extra.get('scene_qa_node', []))
+    try:
+        if camera_source:
+            from rclpy.parameter import Parameter
+            overrides = ([Parameter('source', value=camera_source)]
+                         + extra.get('camera_source', []))
+            nodes['camera_source'] = CameraSourceNode(
+                'camera_source', cli_args=node_args(params, namespace, image),
+                parameter_overrides=overrides)
+        if segmentation:
+            nodes['segmentation_node'] = SegmentationNode(
+                'segmentation_node', cli_args=node_args(params, namespace, image),
+                parameter_overrides=extra.get('segmentation_node', []))
+        if scene_qa:
+            remaps = image + [('scene_context', 'segmentation_node/class_stats')]
+            nodes['scene_qa_node'] = SceneQANode(
+                'scene_qa_node', cli_args=node_args(params, namespace, remaps),
+                parameter_overrides=extra.get('scene_qa_node', []))
+    except BaseException:
+        for node in nodes.values():  # no half-started set left behind
+            node.destroy_node()
+        raise
     return nodes
 
 
@@ -81,6 +87,7 @@ class Bringup:
     def __init__(self, **kwargs):
         from rclpy.executors import MultiThreadedExecutor
         self.nodes = create_nodes(**kwargs)
+        # each node gets the threads it would get alone (run_node), plus a few to share
         threads = 4 + sum(getattr(n, 'executor_threads', 2) for n in self.nodes.values())
         self.executor = MultiThreadedExecutor(num_threads=threads)
         for node in self.nodes.values():
@@ -93,11 +100,16 @@ class Bringup:
         return self
 
     def stop(self):
-        """Stop the executor, then the nodes (their workers), in that order."""
+        """Release waiting requests, stop the executor, then destroy the nodes."""
+        from bluelm_ros.nodes.common import stop_node_workers
+        for node in self.nodes.values():
+            stop_node_workers(node)
         self.executor.shutdown(timeout_sec=2.0)
-        self.thread.join(timeout=5.0)
+        if self.thread.ident is not None:
+            self.thread.join(timeout=5.0)
         for node in self.nodes.values():
             node.destroy_node()
+        self.nodes = {}
 
 
 def add_arguments(p):
@@ -116,8 +128,12 @@ def run(args):
     import rclpy
     from rclpy.executors import ExternalShutdownException
     params = args.params if args.params is not None else default_params_file()
+    if params and not os.path.isfile(params):
+        print(f'bringup: parameters file not found: {params}', file=sys.stderr)
+        return 2
     rclpy.init()
     bringup = None
+    code = 0
     try:
         bringup = Bringup(params=params, namespace=args.namespace,
                           camera_topic=args.camera_topic,
@@ -131,11 +147,14 @@ def run(args):
             time.sleep(0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception as exc:  # e.g. a bad value in the YAML: one clear line, exit code 1
+        print(f'bringup: failed to start: {exc}', file=sys.stderr)
+        code = 1
     finally:
         if bringup is not None:
             bringup.stop()
         rclpy.try_shutdown()
-    return 0
+    return code
 
 
 def main(argv=None):

@@ -1,8 +1,9 @@
 """A camera for demos and tests: replays synthetic scenes, an image folder or a video.
 
-Publishes sensor_msgs/Image on `image` (remap it) and, optionally, CompressedImage on
-`image/compressed`, at a fixed rate. Frames are decoded or rendered once and cached (up to
-`cache_frames`), so the publish timer stays cheap even at high rates.
+Publishes sensor_msgs/Image on `image` (remap it) and, optionally, CompressedImage (JPEG)
+on `image/compressed`, at a fixed rate. Frames are decoded or rendered once and cached (up
+to `cache_frames`; a video contributes its first `cache_frames` frames), and each JPEG is
+encoded once, so the publish timer stays cheap even at high rates.
 """
 import glob
 import os
@@ -78,6 +79,7 @@ class CameraSourceNode(Node):
         self.pub_c = (self.create_publisher(CompressedImage, 'image/compressed', qos)
                       if self.compressed else None)
         self.sent = 0
+        self._compressed = {}  # frame index -> (format, jpeg bytes), encoded once
         self.timer = self.create_timer(1.0 / self.rate, self._tick)
         self.get_logger().info(
             f'publishing {len(self.frames)} frames from {self.source} at {self.rate} Hz '
@@ -101,7 +103,12 @@ class CameraSourceNode(Node):
             arr = rgb
         self.pub.publish(numpy_to_image(arr, self.encoding, header))
         if self.pub_c is not None:
-            self.pub_c.publish(encode_compressed(rgb, 'jpeg', header=header))
+            index = self.sent % len(self.frames)
+            if index not in self._compressed:
+                jpeg = encode_compressed(rgb, 'jpeg')
+                self._compressed[index] = (jpeg.format, jpeg.data)
+            fmt, data = self._compressed[index]
+            self.pub_c.publish(CompressedImage(header=header, format=fmt, data=data))
         self.sent += 1
 
 

@@ -15,7 +15,8 @@ Kilted wheels used for development.
   /diagnostics without ``diagnostic_updater`` (not available everywhere).
 * ``lifecycle_state``, ``lifecycle_autostart``, ``lifecycle_reconfigure``: lifecycle chores.
 * ``run_node``: the standard ``main()`` body (Ctrl-C and external shutdown without a
-  traceback; worker threads stopped before ``rclpy.try_shutdown()``).
+  traceback; worker threads stopped before ``rclpy.try_shutdown()``);
+  ``stop_node_workers``: the first step of that shutdown, also used by ``Bringup``.
 """
 import os
 import sys
@@ -418,12 +419,31 @@ def lifecycle_reconfigure(node, parameters=()):
 # --------------------------------------------------------------------------- main()
 
 
+def stop_node_workers(node):
+    """Call ``node.stop_workers()`` if it has one (answers callbacks blocked on workers).
+
+    A node whose callbacks wait for its worker threads (the scene QA service) must release
+    them before ``executor.shutdown()``, which joins the executor threads.
+    """
+    stop = getattr(node, 'stop_workers', None)
+    if stop is None:
+        return
+    try:
+        stop()
+    except Exception as exc:  # shutting down anyway: say why, do not mask the exit
+        print(f'{getattr(node, "get_name", lambda: "node")()}: stop_workers: {exc}',
+              file=sys.stderr)
+
+
 def run_node(node_factory, args=None, executor_threads=1):
     """Create a node and spin it until Ctrl-C or shutdown; return an exit code.
 
-    The node's ``destroy_node`` must stop its own threads (bounded join). Order on exit:
-    executor shutdown, destroy_node, ``rclpy.try_shutdown()``: spinning executors or live
-    threads at rclpy shutdown abort the interpreter with the PyPI wheels.
+    The executor gets ``node.executor_threads`` threads if the node sets that attribute
+    (the scene QA node: ``queue_size + 4``), else ``executor_threads``; more than one
+    gives a MultiThreadedExecutor. The node's ``destroy_node`` must stop its own threads
+    (bounded join). Order on exit: ``node.stop_workers()`` (if any), executor shutdown,
+    destroy_node, ``rclpy.try_shutdown()``: spinning executors or live threads at rclpy
+    shutdown abort the interpreter with the PyPI wheels.
     """
     import rclpy
     from rclpy.executors import (ExternalShutdownException, MultiThreadedExecutor,
@@ -441,6 +461,7 @@ def run_node(node_factory, args=None, executor_threads=1):
             print(f'[{getattr(node_factory, "__name__", "node")}] failed to start: {exc}',
                   file=sys.stderr)
             return 1
+        executor_threads = int(getattr(node, 'executor_threads', executor_threads))
         if executor_threads > 1:
             executor = MultiThreadedExecutor(num_threads=executor_threads)
         else:
@@ -450,6 +471,8 @@ def run_node(node_factory, args=None, executor_threads=1):
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if node is not None:
+            stop_node_workers(node)
         if executor is not None:
             executor.shutdown(timeout_sec=2.0)
         if node is not None:
