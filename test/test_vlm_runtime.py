@@ -1,0 +1,371 @@
+"""BlueLM-V ONNX runtime: export, bundle checks, parity with PyTorch, generation features.
+
+One tiny random-weight model (``configs/tiny-test.json``, weights scaled up so greedy
+argmax margins are decisive) is exported once per module to FP32 + INT8 vision and
+FP32 + INT4 decoder graphs; every test runs against that bundle.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+pytest.importorskip('onnx')
+pytest.importorskip('onnxruntime')
+pytest.importorskip('tokenizers')
+
+from bluelm_ros.vlm.bundle import Bundle, BundleError  # noqa: E402
+from bluelm_ros.vlm.config import load_config  # noqa: E402
+from bluelm_ros.vlm.dynamic_resolution import DynamicResolution  # noqa: E402
+from bluelm_ros.vlm.export import ExportOptions, export_bundle  # noqa: E402
+from bluelm_ros.vlm.modeling import BlueLMV  # noqa: E402
+from bluelm_ros.vlm.runtime import (ContextOverflowError, ImageEmbedding,  # noqa: E402
+                                    VLMEngine, sample_token)
+
+NEW = 24
+
+
+def _sharpen(model, seed=0):
+    """Larger random weights: decisive argmax margins, so FP32 parity is exact."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if 'norm' in name and name.endswith('weight'):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith('bias'):
+                p.copy_(0.05 * noise)
+            else:
+                p.copy_(noise * (0.6 / max(1.0, p.shape[-1] ** 0.5)))
+    return model
+
+
+def _image(h, w, seed):
+    rng = np.random.default_rng(seed)
+    # smooth random image (a few blobs) so the tiles are not pure noise
+    small = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    import cv2
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = _sharpen(BlueLMV(load_config('tiny-test')).eval())
+    out = str(tmp_path_factory.mktemp('bundle'))
+    export_bundle(model, out, ExportOptions())
+    return model, out
+
+
+@pytest.fixture(scope='module')
+def fp32(tiny):
+    return VLMEngine(tiny[1], vision_precision='fp32', decoder_precision='fp32', threads=1)
+
+
+@pytest.fixture(scope='module')
+def quant(tiny):
+    return VLMEngine(tiny[1], vision_precision='int8', decoder_precision='int4', threads=1)
+
+
+def _torch_greedy(model, ids, image=None, n=NEW):
+    tiles = None
+    if image is not None:
+        tiles = torch.from_numpy(DynamicResolution.from_config(model.config)(image).tiles)
+    return model.generate_greedy(torch.tensor(ids)[None], pixel_values=tiles,
+                                 max_new_tokens=n, eos_token_ids=[], return_logits=True)
+
+
+# ---------------------------------------------------------------------------
+# bundle
+
+
+def test_bundle_layout_and_manifest(tiny):
+    b = Bundle(tiny[1])
+    assert b.manifest['format'] == 'bluelm-v-onnx' and b.manifest['format_version'] == 1
+    assert b.precisions('vision') == ['fp32', 'int8']
+    assert b.precisions('decoder') == ['fp32', 'int4']
+    q = b.entry('decoder', 'int4')['quantization']
+    assert q == {'method': 'MatMulNBits', 'bits': 4, 'block_size': 32, 'symmetric': True,
+                 'accuracy_level': 4, 'lm_head': 'int8'}
+    for name in ('config.json', 'tokenizer.json', 'embed_tokens.npy', 'decoder_int4.onnx',
+                 'decoder_int4.onnx.data', 'vision_int8.onnx'):
+        assert name in b.files and len(b.files[name]['sha256']) == 64
+    b.verify()
+    sizes = b.describe()
+    assert sizes['decoder_int4'] < sizes['decoder_fp32']
+
+
+def test_corrupt_or_missing_file_is_refused(tiny, tmp_path):
+    dst = str(tmp_path / 'b')
+    shutil.copytree(tiny[1], dst)
+    path = os.path.join(dst, 'decoder_fp32.onnx.data')
+    with open(path, 'r+b') as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match=r'decoder_fp32\.onnx\.data: sha256 mismatch.*'
+                                          r're-export'):
+        VLMEngine(dst, decoder_precision='fp32')
+    VLMEngine(dst, decoder_precision='int4', vision_precision='int8')  # other files are fine
+    os.remove(os.path.join(dst, 'vision_int8.onnx.data'))
+    with pytest.raises(BundleError, match=r'vision_int8\.onnx\.data: file missing'):
+        VLMEngine(dst, decoder_precision='int4', vision_precision='int8')
+    with open(os.path.join(dst, 'embed_tokens.npy'), 'ab') as f:
+        f.write(b'x')
+    with pytest.raises(BundleError, match=r'embed_tokens\.npy: size'):
+        Bundle(dst, verify='size').verify(['embed_tokens.npy'])
+    with pytest.raises(BundleError, match='no int8 decoder'):
+        VLMEngine(dst, decoder_precision='int8')
+    os.remove(os.path.join(dst, 'manifest.json'))
+    with pytest.raises(BundleError, match='manifest not found'):
+        Bundle(dst)
+
+
+# ---------------------------------------------------------------------------
+# parity with PyTorch
+
+
+@pytest.mark.parametrize('shape', [(300, 700), (500, 400), None])
+def test_fp32_greedy_tokens_match_torch(tiny, fp32, shape):
+    model = tiny[0]
+    image = _image(*shape, seed=shape[0]) if shape else None
+    emb = fp32.encode_image(image) if shape else None
+    ids = fp32.build_prompt('what is on the table ?', emb)
+    ref, ref_logits = _torch_greedy(model, ids, image)
+    res = fp32.generate('what is on the table ?', image=image, max_new_tokens=NEW,
+                        stop_token_ids=[], reuse_prefix=False)
+    assert res.tokens == ref
+    got = fp32.teacher_forced_logits(ids, ref[:-1], emb)
+    assert np.abs(got - ref_logits.numpy()).max() < 1e-3
+    if shape:
+        assert res.timings.image_tiles == emb.num_tiles and res.timings.image_cached
+
+
+def test_int8_vision_int4_decoder_agreement(tiny, fp32, quant):
+    """Report (and bound) how far the quantized graphs drift from PyTorch FP32."""
+    model = tiny[0]
+    agree, cosines, vis_cos = [], [], []
+    for seed, shape in enumerate([(300, 700), (500, 400), (384, 384)]):
+        image = _image(*shape, seed=seed)
+        e32, e8 = fp32.encode_image(image), quant.encode_image(image)
+        vis_cos.append(float(np.sum(e32.embeds * e8.embeds)
+                             / np.linalg.norm(e32.embeds) / np.linalg.norm(e8.embeds)))
+        ids = fp32.build_prompt('describe the image', e32)
+        ref, ref_logits = _torch_greedy(model, ids, image)
+        got = quant.teacher_forced_logits(ids, ref[:-1], e8)
+        ref_logits = ref_logits.numpy()
+        agree.append(float(np.mean(got.argmax(-1) == np.asarray(ref))))
+        cosines.append(float(np.mean(np.sum(got * ref_logits, -1) / np.linalg.norm(got, axis=-1)
+                                     / np.linalg.norm(ref_logits, axis=-1))))
+    print(f'\nINT8 vision embedding cosine {np.mean(vis_cos):.5f}; INT4 decoder (teacher-'
+          f'forced) token agreement {np.mean(agree):.3f}, logit cosine {np.mean(cosines):.5f}')
+    assert np.mean(vis_cos) > 0.99
+    assert np.mean(cosines) > 0.95
+    assert np.mean(agree) > 0.6
+
+
+def test_chunked_prefill_matches_one_shot(fp32):
+    image = _image(300, 700, seed=3)
+    emb = fp32.encode_image(image)
+    ids = fp32.build_prompt('which way is left ?', emb)
+    runs = {}
+    for chunk in (1, 3, 128, 10_000):
+        res = fp32.generate_ids(ids, emb, max_new_tokens=12, stop_token_ids=[],
+                                prefill_chunk=chunk, reuse_prefix=False)
+        runs[chunk] = res.tokens
+        logits = fp32.teacher_forced_logits(ids, [], emb, prefill_chunk=chunk)
+        if chunk == 1:
+            base = logits
+        assert np.abs(logits - base).max() < 1e-4
+    assert runs[1] == runs[3] == runs[128] == runs[10_000]
+
+
+def test_prefix_kv_reuse_matches_fresh_run(fp32):
+    image = _image(500, 400, seed=4)
+    fp32.reset()
+    first = fp32.generate('what is this ?', image=image, max_new_tokens=8, stop_token_ids=[])
+    assert first.timings.reused_prefix_tokens == 0 and not first.timings.image_cached
+    second = fp32.generate('where is the cat ?', image=image, max_new_tokens=8,
+                           stop_token_ids=[])
+    n_img = second.timings.image_tokens
+    assert second.timings.image_cached
+    assert second.timings.reused_prefix_tokens > n_img  # BOS + template + image reused
+    fresh = fp32.generate('where is the cat ?', image=image, max_new_tokens=8,
+                          stop_token_ids=[], reuse_prefix=False)
+    assert fresh.timings.reused_prefix_tokens == 0
+    assert second.tokens == fresh.tokens
+    # prepare(): prefix prefilled before the question is known
+    fp32.reset()
+    key = VLMEngine.image_key(image)
+    cached = fp32.prepare(image_key=key, system='you are a robot')
+    assert cached > n_img
+    res = fp32.generate('where is the cat ?', image_key=key, system='you are a robot',
+                        max_new_tokens=8, stop_token_ids=[])
+    assert res.timings.reused_prefix_tokens == cached
+    ref = fp32.generate('where is the cat ?', image_key=key, system='you are a robot',
+                        max_new_tokens=8, stop_token_ids=[], reuse_prefix=False)
+    assert res.tokens == ref.tokens
+    # a different image shares only the text before the image
+    other = fp32.generate('where is the cat ?', image=_image(500, 400, seed=5),
+                          max_new_tokens=2, stop_token_ids=[])
+    assert other.timings.reused_prefix_tokens < 10
+
+
+def test_kv_buffer_growth_keeps_tokens(tiny):
+    """Growing the KV view in small steps (in-place relayout) changes nothing."""
+    image = _image(500, 400, seed=9)
+    runs = []
+    for block, kv in ((8, 'int4'), (4096, 'int4'), (8, 'fp32'), (4096, 'fp32')):
+        eng = VLMEngine(tiny[1], decoder_precision=kv, threads=1, kv_block=block, verify='none')
+        runs.append(eng.generate('describe it', image=image, max_new_tokens=40,
+                                 stop_token_ids=[]).tokens)
+        if block == 8:
+            assert eng._mask.shape[1] % 8 == 0 and eng._mask.shape[1] - eng.cached_tokens < 8
+    assert runs[0] == runs[1] and runs[2] == runs[3]
+
+
+# ---------------------------------------------------------------------------
+# generation features
+
+
+def test_streaming_concatenation_equals_text(quant):
+    image = _image(300, 700, seed=6)
+    pieces, ids = [], []
+
+    def on_token(delta, tok):
+        pieces.append(delta)
+        ids.append(tok)
+
+    res = quant.generate('describe it', image=image, max_new_tokens=40, stop_token_ids=[],
+                         on_token=on_token)
+    assert ''.join(pieces) == res.text
+    assert [t for t in ids if t >= 0] == res.tokens
+    assert res.text == quant.tokenizer.decode(res.tokens)
+    assert res.timings.generated_tokens == 40 and res.timings.tokens_per_second > 0
+
+
+def test_stop_strings(quant):
+    full = quant.generate('describe it', max_new_tokens=40, stop_token_ids=[])
+    text = full.text
+    stop = next(text[i:i + 2] for i in range(4, len(text) - 2) if text[i:i + 2].strip())
+    pieces = []
+    res = quant.generate('describe it', max_new_tokens=40, stop_token_ids=[],
+                         stop_strings=['\x00never', stop], on_token=lambda d, t: pieces.append(d))
+    assert res.stop_reason == 'stop_string'
+    assert res.text == text[:text.find(stop)]
+    assert ''.join(pieces) == res.text
+    assert len(res.tokens) < len(full.tokens)
+
+
+def test_eos_and_max_new_tokens(quant):
+    ref = quant.generate('describe it', max_new_tokens=10, stop_token_ids=[])
+    assert ref.stop_reason == 'max_new_tokens' and len(ref.tokens) == 10
+    res = quant.generate('describe it', max_new_tokens=10, stop_token_ids=[ref.tokens[3]])
+    k = ref.tokens.index(ref.tokens[3])
+    assert res.stop_reason == 'eos' and res.tokens == ref.tokens[:k + 1]
+
+
+def test_cancellation_between_tokens(quant):
+    event = threading.Event()
+    seen = []
+
+    def on_token(delta, tok):
+        seen.append(tok)
+        if len(seen) == 3:
+            event.set()  # e.g. a ROS action cancel arriving from another thread
+
+    res = quant.generate('describe it', max_new_tokens=30, stop_token_ids=[],
+                         on_token=on_token, cancel=event)
+    assert res.stop_reason == 'cancelled' and len(res.tokens) == 3
+    res = quant.generate('describe it', max_new_tokens=30, stop_token_ids=[],
+                         on_token=lambda d, t: len(seen) < 0)
+    assert res.stop_reason == 'cancelled' and len(res.tokens) == 1
+    # the KV cache stays usable after a cancelled generation
+    again = quant.generate('describe it', max_new_tokens=5, stop_token_ids=[])
+    fresh = quant.generate('describe it', max_new_tokens=5, stop_token_ids=[],
+                           reuse_prefix=False)
+    assert again.tokens == fresh.tokens
+
+
+def test_sampling_is_seeded(quant):
+    kw = dict(max_new_tokens=16, stop_token_ids=[], temperature=1.5, top_k=50, top_p=0.95)
+    a = quant.generate('describe it', seed=1, **kw)
+    b = quant.generate('describe it', seed=1, **kw)
+    c = quant.generate('describe it', seed=2, **kw)
+    g = quant.generate('describe it', max_new_tokens=16, stop_token_ids=[])
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    assert quant.generate('describe it', seed=3, max_new_tokens=16, stop_token_ids=[],
+                          temperature=1.0, top_k=1).tokens == g.tokens
+    rng = np.random.default_rng(0)
+    logits = np.array([0.0, 5.0, 4.9, -3.0])
+    assert sample_token(logits) == 1
+    assert {sample_token(logits, 1.0, top_p=0.01, rng=rng) for _ in range(20)} == {1}
+    assert {sample_token(logits, 1.0, top_k=2, rng=rng) for _ in range(200)} == {1, 2}
+
+
+def test_context_overflow(tiny):
+    eng = VLMEngine(tiny[1], vision_precision='int8', decoder_precision='int4', threads=1,
+                    max_context=40, verify='size')
+    image = _image(300, 700, seed=7)  # 2:1 grid + thumbnail = 3 tiles = 48 image tokens
+    with pytest.raises(ContextOverflowError, match=r'prompt of \d+ tokens \(48 of them image '
+                                                   r'tokens from 3 tiles.*context of 40'):
+        eng.generate('what is this ?', image=image)
+    res = eng.generate('hi', max_new_tokens=100, stop_token_ids=[])
+    assert res.stop_reason == 'context_full'
+    assert res.timings.prompt_tokens + len(res.tokens) == 41  # last token has no KV slot
+
+
+def test_image_cache_and_vision_release(tiny):
+    eng = VLMEngine(tiny[1], threads=1, image_cache_size=2, release_vision=True,
+                    verify='size')
+    imgs = [_image(200, 300, seed=s) for s in range(3)]
+    e0 = eng.encode_image(imgs[0], key='f0')
+    assert eng._vision is None  # freed after encoding
+    assert eng.encode_image(imgs[0], key='f0') is e0  # cached, no re-encode
+    eng.encode_image(imgs[1], key='f1')
+    eng.encode_image(imgs[2], key='f2')
+    assert eng.cached_image('f0') is None and eng.cached_image('f2') is not None
+    with pytest.raises(KeyError, match='f0'):
+        eng.generate('hi', image_key='f0')
+    res = eng.generate('hi', image=e0, max_new_tokens=2)
+    assert isinstance(e0, ImageEmbedding) and res.timings.image_cached
+
+
+def test_runtime_does_not_import_torch():
+    code = ('import sys; import bluelm_ros.vlm.runtime, bluelm_ros.vlm.bundle; '
+            'assert "torch" not in sys.modules, "torch imported"')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize('kv', ['float16', 'int8'])
+def test_reduced_precision_kv_cache(tiny, quant, kv):
+    """FP16 / INT8 KV caches (memory options) stay close to the FP32-cache INT4 decoder."""
+    model, path = tiny
+    export_bundle(model, path, ExportOptions(vision=(), decoder=('int4',), kv_dtype=kv,
+                                             variant=f'kv-{kv}'), update=True)
+    b = Bundle(path)
+    assert b.entry('decoder', f'int4-kv-{kv}')['kv_dtype'] == kv
+    assert 'int8' in b.precisions('vision')  # the update kept the other graphs
+    eng = VLMEngine(path, decoder_precision=f'int4-kv-{kv}', threads=1)
+    image = _image(300, 700, seed=8)
+    emb = quant.encode_image(image)
+    ids = quant.build_prompt('describe the image', emb)
+    ref = quant.generate_ids(ids, emb, max_new_tokens=16, stop_token_ids=[],
+                             reuse_prefix=False)
+    got = eng.teacher_forced_logits(ids, ref.tokens[:-1], emb)
+    base = quant.teacher_forced_logits(ids, ref.tokens[:-1], emb)
+    agree = float(np.mean(got.argmax(-1) == np.asarray(ref.tokens)))
+    cos = float(np.mean(np.sum(got * base, -1) / np.linalg.norm(got, axis=-1)
+                        / np.linalg.norm(base, axis=-1)))
+    print(f'\n{kv} KV vs float32 KV (INT4 decoder): token agreement {agree:.3f}, '
+          f'logit cosine {cos:.5f}')
+    assert cos > 0.99 and agree > 0.8
+    dtype = {'float16': np.float16, 'int8': np.int8}[kv]
+    assert eng._kv['past_key_values.0.key'].dtype == dtype
