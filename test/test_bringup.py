@@ -51,6 +51,8 @@ LAUNCH_DIR = os.path.join(ROOT, 'launch')
 CONFIG_DIR = os.path.join(ROOT, 'config')
 LAUNCH_FILES = sorted(f for f in os.listdir(LAUNCH_DIR) if f.endswith('.launch.py'))
 CONFIG_FILES = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith('.yaml'))
+from ros_helpers import wait_until  # noqa: E402
+
 WAIT = 60.0
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
                       reliability=ReliabilityPolicy.RELIABLE)
@@ -89,15 +91,6 @@ KEYWORDS = {
     'IfCondition': {'predicate_expression'},
     'LaunchConfiguration': {'variable_name', 'default'},
 }
-
-
-def wait_until(predicate, timeout=WAIT, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 # ------------------------------------------------------------------ launch files (ast)
@@ -348,7 +341,7 @@ def test_bringup_with_the_shipped_config_segments_and_answers(spin, tiny_vlm_bun
         assert cam.pub.topic_name == f'{ns}/camera/image_raw'
         bringup.start()
         probe = Probe(spin, ns)
-        assert wait_until(lambda: len(probe.masks) >= 2), 'no masks'
+        assert wait_until(lambda: len(probe.masks) >= 2, WAIT), 'no masks'
         mask = probe.masks[-1]
         assert (mask.height, mask.width, mask.encoding) == (
             shipped['camera_source']['height'], shipped['camera_source']['width'], 'mono8')
@@ -357,7 +350,7 @@ def test_bringup_with_the_shipped_config_segments_and_answers(spin, tiny_vlm_bun
         assert res.success, (res.error_code, res.error_message)
         assert res.answer and res.image_header.frame_id == 'camera'
         assert res.image_header.stamp.sec > 0
-        assert wait_until(lambda: 'The segmentation sees: ' in qa._scene_context), \
+        assert wait_until(lambda: 'The segmentation sees: ' in qa._scene_context, WAIT), \
             'no class_stats arrived on the remapped scene_context topic'
         assert qa.executor_threads == shipped['scene_qa_node']['queue_size'] + 4
     finally:
@@ -386,7 +379,7 @@ def test_bringup_cli_with_the_shipped_config_and_ctrl_c(spin, tiny_vlm_bundle, t
         log.seek(0)
         assert res.success, (res.error_code, res.error_message, log.read())
         assert res.image_header.frame_id == 'camera'
-        assert wait_until(lambda: len(probe.masks) >= 1), 'no masks'
+        assert wait_until(lambda: len(probe.masks) >= 1, WAIT), 'no masks'
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=WAIT)
     finally:
@@ -438,7 +431,7 @@ def test_bringup_with_the_shipped_models_answers_right(spin, tmp_path):
                       camera_topic='camera/image_raw', camera_source=str(frames)).start()
     probe = Probe(spin, ns)
     try:
-        assert wait_until(lambda: len(probe.masks) >= 1), 'no masks'
+        assert wait_until(lambda: len(probe.masks) >= 1, WAIT), 'no masks'
         for question, expected in known:
             res = probe.ask_until_frame(question)
             assert res.success and is_correct(res.answer, expected), (question, res.answer,

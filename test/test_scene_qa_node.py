@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import cv2
@@ -42,6 +41,8 @@ from bluelm_ros.nodes.scene_qa_node import (resolve_bundle_path,  # noqa: E402
                                             SceneQANode, shipped_bundle_available)
 from bluelm_ros.seg.synthetic import render_scene  # noqa: E402
 
+from ros_helpers import Inbox, wait_until  # noqa: E402
+
 WAIT = 30.0  # seconds to wait for anything that should happen
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
                       reliability=ReliabilityPolicy.RELIABLE)
@@ -52,44 +53,6 @@ SRV = interfaces.load('srv')
 ACTION = interfaces.load('action')
 SHIPPED_MISSING = ('the shipped VLM bundle bluelm_ros/models/vlm/scene-tiny/ is not installed '
                    'yet (it lands with the trained model; re-run scripts/setup.sh then)')
-
-
-def wait_until(predicate, timeout=WAIT, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
-class Inbox:
-    """Subscription callback that keeps every message and lets the test wait on them."""
-
-    def __init__(self):
-        self.msgs = []
-        self._cond = threading.Condition()
-
-    def __call__(self, msg):
-        with self._cond:
-            self.msgs.append(msg)
-            self._cond.notify_all()
-
-    def wait_for(self, predicate=lambda m: True, timeout=WAIT):
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for msg in self.msgs:
-                    if predicate(msg):
-                        return msg
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
-
-    def matching(self, predicate):
-        with self._cond:
-            return [m for m in self.msgs if predicate(m)]
 
 
 class SlowEngine:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import cv2
@@ -32,6 +31,8 @@ from bluelm_ros.seg.labels import CITYSCAPES  # noqa: E402
 from bluelm_ros.seg.segmenter import overlay, Segmenter, to_rgb_uint8  # noqa: E402
 from bluelm_ros.seg.synthetic import render_scene  # noqa: E402
 
+from ros_helpers import Inbox, wait_until  # noqa: E402
+
 WAIT = 30.0  # seconds to wait for anything that should happen
 BEST_EFFORT = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                          reliability=ReliabilityPolicy.BEST_EFFORT)
@@ -40,40 +41,6 @@ RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
 LATCHED = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                      reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
-def wait_until(predicate, timeout=WAIT, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
-class Inbox:
-    """Subscription callback that keeps every message and lets the test wait on them."""
-
-    def __init__(self):
-        self.msgs = []
-        self._cond = threading.Condition()
-
-    def __call__(self, msg):
-        with self._cond:
-            self.msgs.append(msg)
-            self._cond.notify_all()
-
-    def wait_for(self, predicate=lambda m: True, timeout=WAIT):
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for msg in self.msgs:
-                    if predicate(msg):
-                        return msg
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
 
 
 def stamped(msg, sec, nanosec=0, frame_id='camera'):
