@@ -39,7 +39,18 @@ DEFAULT_GGUF = os.path.join(CACHE, 'bluelm-v-3b-llm-random-q4_0.gguf')
 
 
 def peak_rss_mb():
-    """Peak resident set size of this process so far (MiB)."""
+    """Peak resident set size of this process image so far (MiB).
+
+    ``VmHWM`` is reset by exec; ``ru_maxrss`` is not (a child would report its parent's
+    RSS at fork time if that was larger).
+    """
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -154,7 +165,7 @@ def run_pipeline(args):
     INT8 ViT encodes a 768x1536 frame (2:4 grid, 9 tiles, released afterwards), then the
     INT4 LLM answers a 2048-token prompt and decodes ``decode_tokens``.
     """
-    eng = _engine(args, release_vision=True)
+    eng = _engine(args, release_vision=True, low_memory=args.kw.get('low_memory', False))
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (1536, 768, 3), dtype=np.uint8)
     phases = {'start': rss_mb()}
@@ -287,6 +298,55 @@ def run_llama(args):
     return out
 
 
+def run_same_window(args):
+    """ORT decoders and llama.cpp loaded in one process and measured alternately.
+
+    On shared cores the load changes from minute to minute; interleaving the engines puts
+    them under the same conditions (the per-section numbers above are not).
+    """
+    from llama_cpp import Llama
+    ctx = args.context + args.decode_tokens
+    rng = np.random.default_rng(0)
+    ids = [1] + rng.integers(3, 250, args.context - 1).tolist()
+    engines = {d: _engine(argparse.Namespace(**{**vars(args), 'kw': {'decoder': d}}))
+               for d in args.kw['decoders']}
+    for e in engines.values():
+        e.load(vision=False)
+    llm = Llama(args.gguf, n_ctx=ctx, n_batch=128, n_ubatch=128, n_threads=args.threads,
+                n_threads_batch=args.threads, verbose=False)
+    out = {name: {'prefill_tps': [], 'decode_tps_at_context': [], 'decode_tps_short': []}
+           for name in list(engines) + ['llama.cpp']}
+    n = args.kw.get('decode', 16)
+
+    def llama_run(prompt, decode):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        pre = len(prompt) / (time.perf_counter() - t)
+        tok = _llama_argmax(llm)
+        t = time.perf_counter()
+        for _ in range(decode):
+            llm.eval([tok])
+            tok = _llama_argmax(llm)
+        return pre, decode / (time.perf_counter() - t)
+
+    for rnd in range(args.kw.get('rounds', 2)):
+        for name in list(engines) + ['llama.cpp']:
+            for prompt, key in ((ids, 'decode_tps_at_context'), (ids[:128], 'decode_tps_short')):
+                if name == 'llama.cpp':
+                    pre, dec = llama_run(prompt, n)
+                else:
+                    r = engines[name].generate_ids(prompt, None, max_new_tokens=n + 1,
+                                                   stop_token_ids=[], prefill_chunk=128,
+                                                   reuse_prefix=False)
+                    pre, dec = r.timings.prefill_tokens_per_second, r.timings.tokens_per_second
+                if prompt is ids:
+                    out[name]['prefill_tps'].append(pre)
+                out[name][key].append(dec)
+    return {name: {k: float(np.median(v)) for k, v in m.items()} | {'runs': m}
+            for name, m in out.items()}
+
+
 # ---------------------------------------------------------------------------
 # onnxruntime-genai vs our decoder export, on an N-layer full-width slice of the LLM
 
@@ -393,7 +453,7 @@ def plot(res, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+    fig, ax = plt.subplots(1, 5, figsize=(23, 4))
     series = {f'ORT {d}': o for d, o in res.get('ort', {}).items() if 'prefill' in o}
     if 'prefill' in res.get('llama_cpp', {}):
         series['llama.cpp Q4_0'] = res['llama_cpp']
@@ -429,9 +489,22 @@ def plot(res, path):
     ax[3].axhline(2048, color='r', ls='--', label='2.0 GB target')
     ax[3].set_ylabel('peak RSS (MiB)')
     ax[3].set_title('memory, ViT + LLM + KV')
-    ax[3].tick_params(axis='x', labelsize=7)
+    ax[3].tick_params(axis='x', labelsize=7, labelrotation=15)
     ax[3].legend(fontsize=7)
-    fig.suptitle(f'BlueLM-V-3B shape, random weights, {res["threads"]} threads')
+    sw = res.get('same_window', {})
+    if sw and 'error' not in sw:
+        keys = ('prefill_tps', 'decode_tps_at_context', 'decode_tps_short')
+        x = np.arange(len(keys))
+        w = 0.8 / len(sw)
+        for k, (name, m) in enumerate(sw.items()):
+            ax[4].bar(x + k * w, [m[q] for q in keys], w, label=name)
+        ax[4].set_xticks(x + 0.4 - w / 2, ['prefill (chunk 128)', 'decode @ctx', 'decode short'],
+                         fontsize=7)
+        ax[4].set_ylabel('tokens/s')
+        ax[4].set_title('same window (engines interleaved)')
+        ax[4].legend(fontsize=7)
+    fig.suptitle(f'BlueLM-V-3B shape, random weights, {res["threads"]} threads '
+                 f'(shared 2-core VM: absolute numbers are noisy)')
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
@@ -447,7 +520,7 @@ def main(argv=None):
     ap.add_argument('--decoders', default='',
                     help='decoder keys of the bundle to measure (default: all INT4 ones)')
     ap.add_argument('--gguf', default=DEFAULT_GGUF)
-    ap.add_argument('--only', default='vision,ort,pipeline,llama,genai',
+    ap.add_argument('--only', default='vision,ort,pipeline,llama,genai,same_window',
                     help='sections to (re)run; the others are kept from an existing vlm.json')
     ap.add_argument('--genai-layers', type=int, default=4)
     ap.add_argument('--child', help=argparse.SUPPRESS)
@@ -458,7 +531,8 @@ def main(argv=None):
         fn = {'vision': lambda: run_vision(args, args.kw['precision']),
               'prefill': lambda: run_prefill_decode(args),
               'pipeline': lambda: run_pipeline(args), 'llama': lambda: run_llama(args),
-              'genai': lambda: run_genai(args), 'slice': lambda: run_slice(args)}
+              'genai': lambda: run_genai(args), 'slice': lambda: run_slice(args),
+              'same_window': lambda: run_same_window(args)}
         print(json.dumps(fn[args.child]()))
         return 0
 
@@ -476,17 +550,23 @@ def main(argv=None):
     res.update({'machine': machine(), 'threads': args.threads, 'context': args.context,
                 'decode_tokens': args.decode_tokens, 'model': b.manifest['model'],
                 'weights': 'random (shapes of configs/bluelm-v-3b.json; LLM shape assumed)',
-                'file_sizes_mb': {k: round(v, 1) for k, v in b.describe().items()},
-                'decoders': {d: b.entry('decoder', d) for d in decoders}})
+                'file_sizes_mb': {k: round(v, 1) for k, v in b.describe().items()}})
+    res.setdefault('decoders', {}).update({d: b.entry('decoder', d) for d in decoders})
     if 'vision' in only:
         res['vision'] = {p: child(args, 'vision', precision=p) for p in b.precisions('vision')}
         if {'fp32', 'int8'} <= set(res['vision']):
             res['vision']['int8_speedup'] = (res['vision']['fp32']['ms_per_tile']
                                              / res['vision']['int8']['ms_per_tile'])
     if 'ort' in only:
-        res['ort'] = {d: child(args, 'prefill', chunks=chunks, decoder=d) for d in decoders}
+        res.setdefault('ort', {}).update(
+            {d: child(args, 'prefill', chunks=chunks, decoder=d) for d in decoders})
     if 'pipeline' in only:
-        res['pipeline'] = {d: child(args, 'pipeline', decoder=d) for d in decoders}
+        res.setdefault('pipeline', {}).update(
+            {d: child(args, 'pipeline', decoder=d) for d in decoders})
+        for d in decoders:
+            if '-kv8' in d:  # the memory-optimised variant, also with low_memory=True
+                res['pipeline'][f'{d}+low_memory'] = child(args, 'pipeline', decoder=d,
+                                                           low_memory=True)
     if 'llama' in only:
         try:
             import llama_cpp
@@ -497,6 +577,9 @@ def main(argv=None):
             res['llama_cpp']['version'] = llama_cpp.__version__
         except ImportError as e:
             res['llama_cpp'] = {'error': f'llama_cpp not importable: {e}'}
+    if 'same_window' in only:
+        res['same_window'] = child(args, 'same_window', decoders=decoders, rounds=1,
+                                   decode=16)
     if 'genai' in only:
         try:
             import onnxruntime_genai as og
@@ -529,11 +612,17 @@ def ratios(res):
             for k in ('decode_tokens_per_second_at_context', 'decode_tokens_per_second_short'):
                 out[f'{d}_{k}_over_llama_cpp'] = o[k] / ll[k]
         p = res.get('pipeline', {}).get(d, {})
-        if 'peak_rss_mb' in p:
-            out[f'{d}_peak_rss_over_2GB_target'] = p['peak_rss_mb'] / 2048
         if 'ttft_with_image_encode_ms' in p and 'ttft_preencoded_ms' in o:
             out[f'{d}_ttft_without_over_with_preencoded_image'] = (
                 p['ttft_with_image_encode_ms'] / o['ttft_preencoded_ms'])
+    for d, p in res.get('pipeline', {}).items():
+        if 'peak_rss_mb' in p:
+            out[f'{d}_peak_rss_over_2GB_target'] = p['peak_rss_mb'] / 2048
+    sw = res.get('same_window', {})
+    for d in res.get('ort', {}):
+        if d in sw and 'llama.cpp' in sw:
+            for k in ('prefill_tps', 'decode_tps_at_context', 'decode_tps_short'):
+                out[f'same_window_{d}_{k}_over_llama_cpp'] = sw[d][k] / sw['llama.cpp'][k]
     g = res.get('genai_vs_ours', {})
     if 'prefill' in g.get('genai', {}) and 'prefill' in g.get('ours', {}):
         out['slice_prefill128_ours_over_genai'] = (

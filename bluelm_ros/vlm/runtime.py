@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+import gc
 import hashlib
 import logging
 import threading
@@ -42,6 +43,44 @@ from .tokenizer import VLMTokenizer
 log = logging.getLogger(__name__)
 
 StreamCallback = Callable[[str, int], Optional[bool]]
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    A released session's buffers go back to malloc, which keeps them mapped: measured on
+    the 3B bundle, RSS stayed 250 MB higher after freeing the INT8 ViT until trimmed, and
+    that sat under the LLM's load-time peak.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            _libc = ctypes.CDLL('libc.so.6')
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        gc.collect()
+        _libc.malloc_trim(0)
+
+
+_libc = None
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def limit_heap_retention(threshold: int = 1 << 20) -> bool:
+    """Serve allocations above ``threshold`` bytes with mmap, returned to the OS on free.
+
+    glibc otherwise raises its mmap threshold to the largest block freed (up to 32 MB), so
+    the per-layer attention buffers of a prefill end up on a heap that only grows. Measured
+    on the 3B INT4 decoder (1024-token prefill): peak RSS 2.31 GB -> 1.87 GB, prefill ~15%
+    slower (page faults). Process-wide (same as ``MALLOC_MMAP_THRESHOLD_``); glibc only.
+    """
+    trim_heap()
+    if not _libc:
+        return False
+    return bool(_libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 class ContextOverflowError(ValueError):
@@ -210,6 +249,7 @@ class VLMEngine:
         verify: bundle verification, ``sha256`` / ``size`` / ``none``.
         spinning / arena: ONNX Runtime thread spinning and memory arena (both off by default:
             the node shares the cores, and variable chunk shapes inflate an arena).
+        low_memory: call :func:`limit_heap_retention` (lowest peak RSS, slower prefill).
     """
 
     def __init__(self, bundle: Union[str, Bundle], vision_precision: str = 'int8',
@@ -218,7 +258,7 @@ class VLMEngine:
                  pad_tile_batches: bool = False, image_cache_size: int = 4,
                  release_vision: bool = False, kv_block: int = 256, verify: str = 'sha256',
                  providers: Optional[list] = None, spinning: bool = False,
-                 arena: bool = False):
+                 arena: bool = False, low_memory: bool = False):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         self.config = cfg = self.bundle.config
         if prefill_chunk < 1:
@@ -233,6 +273,8 @@ class VLMEngine:
         self.release_vision = release_vision
         self.image_cache_size = max(1, int(image_cache_size))
         self._session_opts = dict(threads=threads, spinning=spinning, arena=arena)
+        if low_memory:
+            limit_heap_retention()
         self._providers = providers
         # fail now, not at the first question, if the bundle lacks or corrupts a part
         self.bundle.component_files('decoder', decoder_precision)
@@ -291,11 +333,13 @@ class VLMEngine:
                     self._kv_specs[i.name] = (i.shape[1], i.shape[3], dtype)
             self._decoder = sess
             self.reset()
+            trim_heap()  # weight prepacking leaves freed staging buffers behind
         return self._decoder
 
     def release_vision_session(self) -> None:
         """Free the vision session (reloaded on the next :meth:`encode_image`)."""
         self._vision = None
+        trim_heap()
 
     def close(self) -> None:
         """Free both sessions, the KV cache and the image cache."""
@@ -307,6 +351,7 @@ class VLMEngine:
             self._mask = np.zeros((1, 0), np.int64)
             self._cached = []
             self._images.clear()
+        trim_heap()
 
     # -- images ----------------------------------------------------------------------
 
@@ -347,6 +392,7 @@ class VLMEngine:
             embeds = np.concatenate(outs).reshape(-1, self.config.text.hidden_size)
             if self.release_vision:
                 self._vision = None
+                trim_heap()
             emb = ImageEmbedding(key=key, embeds=embeds, grid=tiled.grid,
                                  num_tiles=tiled.num_tiles, image_size=tiled.image_size,
                                  encode_ms=(time.perf_counter() - t0) * 1e3)
