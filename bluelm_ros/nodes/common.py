@@ -87,6 +87,31 @@ def declare_param(node, name, default, description, *, value_range=None, read_on
     return value
 
 
+def parameter_change_reason(name, value, state, *, load_params, subscription_params,
+                            choices, loaded='model'):
+    """Return why a live parameter change must be refused, or None if it may proceed.
+
+    The lifecycle rule both nodes follow: ``load_params`` are read when the model (or
+    bundle) is loaded, so they change only while unconfigured; ``subscription_params``
+    are read at activate, so they change only while not active. ``choices`` maps a
+    parameter to its allowed values; ``providers`` must name at least one provider.
+    """
+    if name in load_params and state != 'unconfigured':
+        return (f'{name} is applied when the {loaded} is loaded: it cannot change while the '
+                f'node is {state}. Reconfigure: deactivate, cleanup, set {name}, then '
+                'configure and activate (e.g. `ros2 lifecycle set <node> deactivate`).')
+    if name in subscription_params and state == 'active':
+        return (f'{name} is applied when the subscriptions are created: deactivate, set '
+                f'{name}, then activate.')
+    if name in choices:
+        reason = check_choice(name, value, choices[name])
+        if reason:
+            return reason
+    if name == 'providers' and (not value or not all(str(v).strip() for v in value)):
+        return "providers must list at least one provider, e.g. ['CPUExecutionProvider']"
+    return None
+
+
 # --------------------------------------------------------------------------- QoS
 
 RELIABILITY_CHOICES = ('best_effort', 'reliable', 'system_default')

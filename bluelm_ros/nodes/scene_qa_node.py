@@ -255,23 +255,11 @@ class SceneQANode(LifecycleNode):
     def _on_set_parameters(self, params):
         state = common.lifecycle_state(self)
         for param in params:
-            name, value = param.name, param.value
-            if name in MODEL_PARAMS and state != 'unconfigured':
-                return SetParametersResult(successful=False, reason=(
-                    f'{name} is applied when the bundle is loaded: it cannot change while the '
-                    f'node is {state}. Reconfigure: deactivate, cleanup, set {name}, then '
-                    'configure and activate.'))
-            if name in SUBSCRIPTION_PARAMS and state == 'active':
-                return SetParametersResult(successful=False, reason=(
-                    f'{name} is applied when the subscriptions are created: deactivate, set '
-                    f'{name}, then activate.'))
-            reason = name in CHOICES and common.check_choice(name, value, CHOICES[name])
+            reason = common.parameter_change_reason(
+                param.name, param.value, state, load_params=MODEL_PARAMS,
+                subscription_params=SUBSCRIPTION_PARAMS, choices=CHOICES, loaded='bundle')
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
-            if name == 'providers' and (not value or not all(str(v).strip() for v in value)):
-                return SetParametersResult(
-                    successful=False, reason='providers must list at least one provider, '
-                    "e.g. ['CPUExecutionProvider']")
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ lifecycle

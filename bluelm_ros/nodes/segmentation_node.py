@@ -179,27 +179,16 @@ class SegmentationNode(LifecycleNode):
 
     def _on_set_parameters(self, params):
         state = common.lifecycle_state(self)
+        choices = {'input_type': INPUT_TYPES, 'label_info_type': LABEL_INFO_TYPES,
+                   'qos.reliability': common.RELIABILITY_CHOICES,
+                   'qos.durability': common.DURABILITY_CHOICES}
         for param in params:
             name, value = param.name, param.value
-            if name in MODEL_PARAMS and state != 'unconfigured':
-                return SetParametersResult(successful=False, reason=(
-                    f'{name} is applied when the model is loaded: it cannot change while the '
-                    f'node is {state}. Reconfigure: deactivate, cleanup, set {name}, then '
-                    'configure and activate (e.g. `ros2 lifecycle set <node> deactivate`).'))
-            if name in SUBSCRIPTION_PARAMS and state == 'active':
-                return SetParametersResult(successful=False, reason=(
-                    f'{name} is applied when the subscription is created: deactivate, set '
-                    f'{name}, then activate.'))
-            choices = {'input_type': INPUT_TYPES, 'label_info_type': LABEL_INFO_TYPES,
-                       'qos.reliability': common.RELIABILITY_CHOICES,
-                       'qos.durability': common.DURABILITY_CHOICES}.get(name)
-            reason = choices and common.check_choice(name, value, choices)
+            reason = common.parameter_change_reason(
+                name, value, state, load_params=MODEL_PARAMS,
+                subscription_params=SUBSCRIPTION_PARAMS, choices=choices)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
-            if name == 'providers' and (not value or not all(str(v).strip() for v in value)):
-                return SetParametersResult(
-                    successful=False, reason='providers must list at least one provider, '
-                    "e.g. ['CPUExecutionProvider']")
             if name == 'warn_throttle_sec':
                 self.warnings.period_sec = float(value)
         return SetParametersResult(successful=True)
