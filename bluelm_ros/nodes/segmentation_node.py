@@ -366,11 +366,7 @@ class SegmentationNode(LifecycleNode):
 
     def _process(self, msg, t_receive):
         segmenter, pubs = self.segmenter, self._pubs  # stable refs if a transition races
-        max_pixels = self._param('max_input_pixels')
-        if self._param('input_type') == 'compressed' and hasattr(msg, 'format'):
-            image, order = image_codec.compressed_to_numpy(msg, max_pixels)
-        else:
-            image, order = image_codec.image_to_numpy(msg, max_pixels)
+        image, order = image_codec.frame_to_numpy(msg, self._param('max_input_pixels'))
         result = segmenter.segment(image, order)
         mask = result.mask
         encoding = 'mono8' if mask.dtype == np.uint8 else '16UC1'
