@@ -12,7 +12,7 @@ setup(
     license='MIT',
     python_requires='>=3.10',
     packages=find_packages(include=['bluelm_ros', 'bluelm_ros.*']),
-    package_data={'bluelm_ros': ['models/*/*', 'vlm/configs/*.json', 'seg/*.json']},
+    package_data={'bluelm_ros': ['models/*/*', 'tools/vlm/configs/*.json']},
     install_requires=[
         'numpy', 'onnxruntime', 'opencv-python-headless', 'tokenizers', 'pyyaml', 'tqdm',
     ],

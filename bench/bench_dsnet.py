@@ -15,14 +15,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CACHE, machine, plot_path, save, summarize, time_it  # noqa: E402
 
-from bluelm_ros.seg.checkpoint import load_dsnet  # noqa: E402
-from bluelm_ros.seg.datasets import SyntheticStreetDataset  # noqa: E402
-from bluelm_ros.seg.dsnet import DSNet  # noqa: E402
-from bluelm_ros.seg.export import export_onnx, quantize_int8  # noqa: E402
-from bluelm_ros.seg.segmenter import normalize, Segmenter  # noqa: E402
-import bluelm_ros  # noqa: E402
+from bluelm_ros.data.datasets import SyntheticStreetDataset  # noqa: E402
+from bluelm_ros.runtime import shipped_models  # noqa: E402
+from bluelm_ros.runtime.segmenter import normalize, Segmenter  # noqa: E402
+from bluelm_ros.tools.dsnet.checkpoint import load_dsnet  # noqa: E402
+from bluelm_ros.tools.dsnet.export import export_onnx, quantize_int8  # noqa: E402
+from bluelm_ros.tools.dsnet.model import DSNet  # noqa: E402
 
-CKPT = os.path.join(os.path.dirname(bluelm_ros.__file__), 'models', 'dsnet',
+CKPT = os.path.join(shipped_models.MODELS_DIR, 'dsnet',
                     'dsnet_tiny_synthetic.pth.tar')
 
 

@@ -43,15 +43,15 @@ MODES = ('eager', 'on_demand')
 
 def get_bundle(path):
     """Return (bundle folder, description)."""
-    from bluelm_ros.nodes.scene_qa_node import resolve_bundle_path, shipped_bundle_available
+    from bluelm_ros.runtime import shipped_models
     if path:
         return path, 'given'
-    if shipped_bundle_available():
-        return resolve_bundle_path(''), 'shipped scene-tiny (trained)'
+    if shipped_models.VLM_BUNDLE.available():
+        return shipped_models.VLM_BUNDLE.default_path, 'shipped scene-tiny (trained)'
     out = os.path.join(CACHE, 'scene-tiny-random')
     if not os.path.exists(os.path.join(out, 'manifest.json')):
         print(f'exporting a random-weight scene-tiny bundle to {out} (once)', flush=True)
-        subprocess.run([sys.executable, '-m', 'bluelm_ros.vlm.export', '--random',
+        subprocess.run([sys.executable, '-m', 'bluelm_ros.tools.vlm.export', '--random',
                         'scene-tiny', out, '--vision', 'int8', '--decoder', 'int4'],
                        check=True, stdout=subprocess.DEVNULL)
     return out, 'random weights, scene-tiny architecture (shipped bundle not installed)'
@@ -77,8 +77,8 @@ class Bench:
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image
 
-        from bluelm_ros import interfaces
-        from bluelm_ros.nodes.scene_qa_node import SceneQANode
+        from bluelm_ros.ros import interfaces
+        from bluelm_ros.ros.scene_qa_node import SceneQANode
         self.action = interfaces.load('action')
         self.msg = interfaces.load('msg')
         self.node = SceneQANode('scene_qa_node', namespace=NS, parameter_overrides=[
@@ -106,7 +106,7 @@ class Bench:
     def trial(self, mode, rgb):
         from rclpy.parameter import Parameter
 
-        from bluelm_ros.image_codec import numpy_to_image
+        from bluelm_ros.ros.image_codec import numpy_to_image
         node = self.node
         node.set_parameters([Parameter('eager_encoding', value=mode == 'eager')])
         self.stamp += 1
@@ -209,7 +209,7 @@ def main():
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     import rclpy
 
-    from bluelm_ros.vlm.scene_qa_data import SceneQAGenerator
+    from bluelm_ros.data.scene_qa import SceneQAGenerator
     bundle, what = get_bundle(args.bundle)
     gen = SceneQAGenerator()
     frames = [gen.render(1000 + i).image for i in range(args.trials + 2)]

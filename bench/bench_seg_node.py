@@ -83,8 +83,8 @@ def camera(args):
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
-    from bluelm_ros.image_codec import numpy_to_image
-    from bluelm_ros.seg.synthetic import render_scene
+    from bluelm_ros.ros.image_codec import numpy_to_image
+    from bluelm_ros.data.synthetic import render_scene
 
     rclpy.init()
     node = rclpy.create_node('bench_camera', namespace=args.ns)
@@ -161,11 +161,11 @@ def camera(args):
 
 def bare_runtime(model_path, seconds):
     """Segmenter.segment back to back on 640x480 frames: per-frame ms and frames/s."""
-    from bluelm_ros.nodes.segmentation_node import resolve_model_path
-    from bluelm_ros.seg.segmenter import Segmenter
-    from bluelm_ros.seg.synthetic import render_scene
+    from bluelm_ros.runtime import shipped_models
+    from bluelm_ros.runtime.segmenter import Segmenter
+    from bluelm_ros.data.synthetic import render_scene
 
-    seg = Segmenter(resolve_model_path(model_path), threads=0)
+    seg = Segmenter(shipped_models.resolve(model_path, shipped_models.DSNET), threads=0)
     frames = [render_scene(s, H, W).image for s in range(8)]
     for f in frames[:3]:
         seg.segment(f)
@@ -185,7 +185,7 @@ def run_model(name, args):
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from bluelm_ros.nodes.segmentation_node import SegmentationNode
+    from bluelm_ros.ros.segmentation_node import SegmentationNode
 
     bare = bare_runtime(MODELS[name], args.bare_seconds)
     camera_hz = args.camera_hz or max(30.0, 2.0 * bare['fps'])

@@ -14,7 +14,7 @@ Measures, with ``--threads`` (default 2) intra-op threads:
 
 Make the bundle first (random weights, ~20 min on 2 busy cores; nothing is downloaded)::
 
-    python -m bluelm_ros.vlm.export --random bluelm-v-3b ~/.cache/bluelm_ros/bundles/\
+    python -m bluelm_ros.tools.vlm.export --random bluelm-v-3b ~/.cache/bluelm_ros/bundles/\
 bluelm-v-3b-random --vision fp32,int8 --decoder int4 --embed-dtype float16
 
 Then ``python bench/bench_vlm.py``. Results: ``bench/results/vlm.json`` and ``vlm.png``.
@@ -85,7 +85,7 @@ def child(args, mode, **kw):
 
 
 def _engine(args, **kw):
-    from bluelm_ros.vlm.runtime import VLMEngine
+    from bluelm_ros.runtime.vlm.engine import VLMEngine
     return VLMEngine(args.bundle, threads=args.threads, verify='size',
                      decoder_precision=args.kw.get('decoder', 'int4'),
                      max_context=args.context + args.decode_tokens, **kw)
@@ -102,8 +102,8 @@ def _prompt_ids(engine, emb, n_total):
 
 
 def _random_image_embedding(engine, grid=(2, 4)):
-    from bluelm_ros.vlm.dynamic_resolution import num_tiles
-    from bluelm_ros.vlm.runtime import ImageEmbedding
+    from bluelm_ros.runtime.vlm.dynamic_resolution import num_tiles
+    from bluelm_ros.runtime.vlm.engine import ImageEmbedding
     cfg = engine.config
     n = num_tiles(grid) * cfg.tokens_per_tile
     emb = np.random.default_rng(0).normal(0, 0.02, (n, cfg.text.hidden_size)).astype(np.float32)
@@ -113,8 +113,8 @@ def _random_image_embedding(engine, grid=(2, 4)):
 
 def run_vision(args, precision):
     """Per-tile latency of one vision precision (batches of 4 tiles)."""
-    from bluelm_ros.ort_session import create_session
-    from bluelm_ros.vlm.bundle import Bundle
+    from bluelm_ros.runtime.ort_session import create_session
+    from bluelm_ros.runtime.vlm.bundle import Bundle
     b = Bundle(args.bundle, verify='size')
     t = time.perf_counter()
     sess, _ = create_session(b.component_files('vision', precision)[0], threads=args.threads)
@@ -194,7 +194,7 @@ def make_random_gguf(config_name, path, seed=0):
     """Write a random-weight LLaMA GGUF with the LLM's shape: Q4_0 (lm_head Q8_0)."""
     import gguf
     from gguf.quants import quantize
-    from bluelm_ros.vlm.config import load_config
+    from bluelm_ros.tools.vlm.configs import load_config
     t = load_config(config_name).text
     rng = np.random.default_rng(seed)
     tmp = path + '.tmp'
@@ -358,9 +358,10 @@ def prepare_genai_slice(config_name, layers, root, block_size=32):
     symmetric for ours, ``accuracy_level=4``), as genai's builder does by default.
     """
     hf, og_dir, ours = (os.path.join(root, d) for d in ('hf', 'genai', 'ours'))
-    from bluelm_ros.vlm.config import BlueLMVConfig, load_config
-    from bluelm_ros.vlm.export import (ExportOptions, export_bundle, random_model,
-                                       write_byte_tokenizer)
+    from bluelm_ros.runtime.vlm.config import BlueLMVConfig
+    from bluelm_ros.tools.vlm.configs import load_config
+    from bluelm_ros.tools.vlm.export import (ExportOptions, export_bundle, random_model,
+                                             write_byte_tokenizer)
     cfg = load_config(config_name)
     d = cfg.to_dict()
     d['text']['num_hidden_layers'] = layers
@@ -430,7 +431,7 @@ def run_genai(args):
 
 def run_slice(args):
     """Our engine on the slice bundle with the same prompt shape as :func:`run_genai`."""
-    from bluelm_ros.vlm.runtime import VLMEngine
+    from bluelm_ros.runtime.vlm.engine import VLMEngine
     eng = VLMEngine(args.kw['dir'], threads=args.threads, verify='size',
                     max_context=args.context + args.decode_tokens).load(vision=False)
     ids = np.random.default_rng(0).integers(3, 250, args.context).tolist()
@@ -536,7 +537,7 @@ def main(argv=None):
         print(json.dumps(fn[args.child]()))
         return 0
 
-    from bluelm_ros.vlm.bundle import Bundle
+    from bluelm_ros.runtime.vlm.bundle import Bundle
     only = set(args.only.split(','))
     chunks = [int(c) for c in args.chunks.split(',')]
     b = Bundle(args.bundle, verify='size')

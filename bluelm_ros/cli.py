@@ -1,71 +1,81 @@
-"""The `bluelm-ros` command line: demo, export, conversion, training, evaluation, benchmarks.
+"""The `bluelm-ros` command line: demo, export, conversion, training, evaluation, bringup.
 
-Subcommands import their (possibly heavy, possibly torch) modules lazily so `bluelm-ros
---help` and the runtime commands work on a robot without torch.
+Only the chosen subcommand's module is imported, after the command name is known, so
+`bluelm-ros --help` and the runtime commands work on a robot without torch; a torch
+command there says which extra to install.
 """
 import argparse
+from dataclasses import dataclass
 import importlib
 import sys
 
-# name -> (module, help). Each module provides add_arguments(parser) and run(args), or, for
-# the commands in PASSTHROUGH, its own main(argv) that parses the rest of the line.
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its module and one-line help.
+
+    The module provides add_arguments(parser) and run(args), or, with ``passthrough``, its
+    own main(argv) that parses the rest of the line (e.g. `bluelm-ros vlm-export --help`).
+    """
+
+    module: str
+    help: str
+    passthrough: bool = False
+
+
 COMMANDS = {
-    'dsnet-train': ('bluelm_ros.seg.train', 'train DSNet (synthetic scenes, Cityscapes, ADE20K)'),
-    'dsnet-export': ('bluelm_ros.seg.export',
-                     'official DSNet checkpoint -> static ONNX (FP32, optional INT8)'),
-    'dsnet-eval': ('bluelm_ros.seg.evaluate', 'evaluate exported DSNet models (mIoU)'),
-    'vlm-export': ('bluelm_ros.vlm.export', 'BlueLM-V model -> ONNX bundle (INT8 vision, INT4 '
-                   'decoder, manifest with hashes)'),
-    'vlm-convert': ('bluelm_ros.vlm.convert', 'convert a local HF LLaVA / Idefics3 / SmolVLM '
-                    'checkpoint to this project\'s format'),
-    'vlm-train': ('bluelm_ros.vlm.train', 'train the scene-QA BlueLM-V model (synthetic scenes)'),
-    'bringup': ('bluelm_ros.nodes.bringup',
-                'run segmentation + scene QA (+ demo camera) in one process from a YAML'),
-    'demo': ('bluelm_ros.demo', 'the main job: both nodes on the shipped models, answers '
-             'and overlays written to a folder'),
+    'dsnet-train': Command('bluelm_ros.tools.dsnet.train',
+                           'train DSNet (synthetic scenes, Cityscapes, ADE20K)'),
+    'dsnet-export': Command('bluelm_ros.tools.dsnet.export',
+                            'official DSNet checkpoint -> static ONNX (FP32, optional INT8)'),
+    'dsnet-eval': Command('bluelm_ros.tools.dsnet.evaluate',
+                          'evaluate exported DSNet models (mIoU)'),
+    'vlm-export': Command('bluelm_ros.tools.vlm.export',
+                          'BlueLM-V model -> ONNX bundle (INT8 vision, INT4 decoder, manifest '
+                          'with hashes)', passthrough=True),
+    'vlm-convert': Command('bluelm_ros.tools.vlm.convert',
+                           'convert a local HF checkpoint (see --help for the families) to '
+                           "this project's format", passthrough=True),
+    'vlm-train': Command('bluelm_ros.tools.vlm.train',
+                         'train the scene-QA BlueLM-V model (synthetic scenes)'),
+    'bringup': Command('bluelm_ros.ros.bringup',
+                       'run segmentation + scene QA (+ demo camera) in one process from a YAML'),
+    'demo': Command('bluelm_ros.ros.demo', 'the main job: both nodes on the shipped models, '
+                    'answers and overlays written to a folder'),
 }
-
-PASSTHROUGH = {'vlm-export', 'vlm-convert'}
-
-
-def register(name, module, help_text):
-    """Add a subcommand implemented by `module` (add_arguments(parser), run(args))."""
-    COMMANDS[name] = (module, help_text)
 
 
 def build_parser():
+    """Return the top-level parser: command names and their help, no module imported."""
     parser = argparse.ArgumentParser(
         prog='bluelm-ros', description='DSNet segmentation and BlueLM-V scene QA for ROS 2.')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        if name in PASSTHROUGH:  # e.g. `bluelm-ros vlm-export --help` shows its own help
-            p.add_argument('argv', nargs=argparse.REMAINDER, help='see COMMAND --help')
-            p.set_defaults(_passthrough=True)
-            continue
-        try:
-            importlib.import_module(module).add_arguments(p)
-        except ImportError as exc:  # e.g. torch missing on a robot: keep the CLI usable
-            p.set_defaults(_import_error=exc)
+    for name, command in COMMANDS.items():
+        sub.add_parser(name, help=command.help, add_help=False)
     return parser
 
 
 def main(argv=None):
     """Run the CLI; return the process exit code."""
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in PASSTHROUGH:
-        return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]) or 0
-    args = parser.parse_args(argv)
-    if not args.command:
+    parser = build_parser()
+    if not argv:
         parser.print_help()
         return 2
-    if getattr(args, '_import_error', None):
-        print(f'bluelm-ros {args.command}: {args._import_error} '
-              '(install the extra: pip install "bluelm-ros[train]")', file=sys.stderr)
+    parser.parse_args(argv[:1])  # --help, or an unknown command: argparse says so and exits
+    name, rest = argv[0], argv[1:]
+    command = COMMANDS[name]
+    try:
+        module = importlib.import_module(command.module)
+    except ImportError as exc:  # e.g. torch missing on a robot: say which extra to install
+        print(f'bluelm-ros {name}: {exc} (install the extra: pip install "bluelm-ros[train]")',
+              file=sys.stderr)
         return 2
-    return importlib.import_module(args._module).run(args) or 0
+    if command.passthrough:
+        return module.main(rest) or 0
+    sub = argparse.ArgumentParser(prog=f'bluelm-ros {name}', description=command.help)
+    module.add_arguments(sub)
+    return module.run(sub.parse_args(rest)) or 0
 
 
 if __name__ == '__main__':

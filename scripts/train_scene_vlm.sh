@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the scene-tiny BlueLM-V model (issue 7) on one GPU and evaluate it.
 #
-#   scripts/train_scene_vlm.sh [OUT_DIR] [extra bluelm_ros.vlm.train options...]
+#   scripts/train_scene_vlm.sh [OUT_DIR] [extra bluelm_ros.tools.vlm.train options...]
 #
 # About 7.5 minutes on one H100 (16 CPU cores): tokenizer ~2 s, 420 s of training
 # (the learning-rate schedule ends at the deadline), held-out evaluation of 200 questions
@@ -18,7 +18,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 
-"$PY" -m bluelm_ros.vlm.train --out "$OUT" --config scene-tiny \
+"$PY" -m bluelm_ros.tools.vlm.train --out "$OUT" --config scene-tiny \
   --time-limit 420 --batch-scenes 32 --questions extra --lr 2e-3 --warmup 200 \
   --min-lr-ratio 0.05 --weight-decay 0.05 --clip 1.0 --aux-weight 1.0 --seed 0 \
   --train-scale 0.3 1.0 --min-side 144 --eval-per-type 200 --eval-mode batched "$@"

@@ -67,8 +67,8 @@ def tiny_vlm_bundle(tmp_path_factory):
     """
     pytest.importorskip('torch')
     pytest.importorskip('onnx')
-    from bluelm_ros.vlm.config import load_config
-    from bluelm_ros.vlm.export import ExportOptions, export_bundle, random_model
+    from bluelm_ros.tools.vlm.configs import load_config
+    from bluelm_ros.tools.vlm.export import ExportOptions, export_bundle, random_model
     out = str(tmp_path_factory.mktemp('tiny_vlm_bundle'))
     export_bundle(random_model(load_config('tiny-test')), out,
                   ExportOptions(vision=('int8',), decoder=('int4',)))

@@ -38,13 +38,13 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
-from bluelm_ros import interfaces  # noqa: E402
-from bluelm_ros.nodes import common  # noqa: E402
-from bluelm_ros.nodes.bringup import Bringup, default_params_file  # noqa: E402
-from bluelm_ros.nodes.camera_source_node import CameraSourceNode  # noqa: E402
-from bluelm_ros.nodes.scene_qa_node import (resolve_bundle_path, SceneQANode,  # noqa: E402
-                                            shipped_bundle_available)
-from bluelm_ros.nodes.segmentation_node import SegmentationNode  # noqa: E402
+from bluelm_ros.ros import interfaces  # noqa: E402
+from bluelm_ros.ros import common  # noqa: E402
+from bluelm_ros.ros.bringup import Bringup, default_params_file  # noqa: E402
+from bluelm_ros.ros.camera_source_node import CameraSourceNode  # noqa: E402
+from bluelm_ros.ros.scene_qa_node import SceneQANode  # noqa: E402
+from bluelm_ros.runtime.shipped_models import VLM_BUNDLE  # noqa: E402
+from bluelm_ros.ros.segmentation_node import SegmentationNode  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_DIR = os.path.join(ROOT, 'launch')
@@ -268,7 +268,7 @@ def test_default_params_file_is_the_installed_shipped_config():
 def _config_for_tests(tmp_path, bundle):
     """The shipped config, with bundle_path pointing at `bundle` when it is not shipped."""
     path = default_params_file()
-    if shipped_bundle_available():
+    if VLM_BUNDLE.available():
         return path
     text = open(path).read()
     new, n = re.subn(r'(bundle_path:\s*)""', rf'\g<1>"{bundle}"', text)
@@ -413,12 +413,12 @@ def test_bringup_cli_bad_params_exit_with_the_reason(tmp_path):
 
 def test_bringup_with_the_shipped_models_answers_right(spin, tmp_path):
     """The unmodified shipped config and models on a scene with known answers."""
-    if not shipped_bundle_available():
+    if not VLM_BUNDLE.available():
         pytest.skip(SHIPPED_MISSING)
-    from bluelm_ros.vlm.runtime import VLMEngine
-    from bluelm_ros.vlm.scene_qa_data import is_correct, SceneQAGenerator
+    from bluelm_ros.runtime.vlm.engine import VLMEngine
+    from bluelm_ros.data.scene_qa import is_correct, SceneQAGenerator
     scene, qas = SceneQAGenerator().scene_questions(5)
-    engine = VLMEngine(resolve_bundle_path(''), threads=1)
+    engine = VLMEngine(VLM_BUNDLE.default_path, threads=1)
     known = [(q, a) for _, q, a in qas
              if is_correct(engine.generate(q, image=scene.image, max_new_tokens=32).text, a)]
     engine.close()

@@ -35,7 +35,7 @@ def test_plain_colcon_build_in_a_fresh_workspace(tmp_path):
     assert (prefix / 'share' / 'bluelm_ros' / 'launch').is_dir()
     assert (prefix / 'share' / 'bluelm_ros' / 'config').is_dir()
     r = _bash('. install/setup.bash && cd / && python -c "from bluelm_ros.srv import AskScene; '
-              'import bluelm_ros.interfaces, bluelm_ros; print(bluelm_ros.__file__)"',
+              'import bluelm_ros.ros.interfaces, bluelm_ros; print(bluelm_ros.__file__)"',
               cwd=tmp_path / 'ws')
     assert r.returncode == 0, r.stdout + r.stderr
     assert str(install) in r.stdout
@@ -48,7 +48,7 @@ def test_pip_install_is_library_only_and_cannot_shadow_colcon(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (target / 'bin' / 'bluelm-ros').exists()
-    code = ('import bluelm_ros, bluelm_ros.interfaces as i\n'
+    code = ('import bluelm_ros, bluelm_ros.ros.interfaces as i\n'
             'print(bluelm_ros.__file__)\n'
             'try:\n    i.load("srv")\nexcept i.InterfacesUnavailable as e:\n'
             '    print("NOIFACE", e)\n')

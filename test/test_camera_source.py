@@ -14,9 +14,9 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from bluelm_ros import image_codec  # noqa: E402
-from bluelm_ros.nodes.camera_source_node import CameraSourceNode, load_frames  # noqa: E402
-from bluelm_ros.seg.synthetic import render_scene  # noqa: E402
+from bluelm_ros.ros import image_codec  # noqa: E402
+from bluelm_ros.ros.camera_source_node import CameraSourceNode, load_frames  # noqa: E402
+from bluelm_ros.data.synthetic import render_scene  # noqa: E402
 
 WAIT = 30.0
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50,
@@ -135,7 +135,7 @@ def test_bad_sources_are_refused_with_a_reason(tmp_path):
     bad_video.write_bytes(b'not a video')
     with pytest.raises(ValueError, match='cannot read frames'):
         load_frames(str(bad_video), 64, 48, 2)
-    code = 'from bluelm_ros.nodes.camera_source_node import main; main()'
+    code = 'from bluelm_ros.ros.camera_source_node import main; main()'
     proc = subprocess.run([sys.executable, '-c', code, '--ros-args', '-r', '__ns:=/badcam',
                            '-p', f'source:={tmp_path / "nothing_here"}'],
                           capture_output=True, text=True, timeout=120, cwd=str(tmp_path))

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from bluelm_ros.seg.checkpoint import (
-    CheckpointError, infer_variant, load_dsnet, load_official_state_dict)
-from bluelm_ros.seg.dsnet import DSNet, VARIANTS, count_parameters, get_variant
+from bluelm_ros.tools.dsnet.checkpoint import (CheckpointError, infer_variant, load_dsnet,
+                                               load_official_state_dict)
+from bluelm_ros.tools.dsnet.model import DSNet, VARIANTS, count_parameters, get_variant
 
 # Eval-model key counts and parameter counts (19 classes) of the official variants.
 OFFICIAL = {

@@ -1,4 +1,4 @@
-"""Tests for bluelm_ros.image_codec: raw/compressed image messages <-> numpy."""
+"""Tests for bluelm_ros.ros.image_codec: raw/compressed image messages <-> numpy."""
 import array
 import struct
 import subprocess
@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from bluelm_ros import image_codec
-from bluelm_ros.image_codec import (
-    bytes_per_pixel, compressed_to_numpy, encode_compressed, FrameError, image_to_numpy,
-    numpy_to_image, SUPPORTED_ENCODINGS)
+from bluelm_ros.ros import image_codec
+from bluelm_ros.ros.image_codec import (bytes_per_pixel, compressed_to_numpy, encode_compressed,
+                                        image_to_numpy, numpy_to_image, SUPPORTED_ENCODINGS)
+from bluelm_ros.runtime.image import ImageError
 
 sensor_msgs = pytest.importorskip('sensor_msgs.msg')
 
@@ -88,7 +88,7 @@ def reason_of(excinfo):
 # --- module surface ---------------------------------------------------------------------
 
 def test_no_ros_import_at_module_level():
-    code = ('import sys, bluelm_ros.image_codec; '
+    code = ('import sys, bluelm_ros.ros.image_codec; '
             'assert "rclpy" not in sys.modules and "sensor_msgs" not in sys.modules')
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -102,7 +102,7 @@ def test_supported_encodings_and_bytes_per_pixel():
     for enc, bpp in expect.items():
         assert bytes_per_pixel(enc) == bpp
     assert bytes_per_pixel('RGB8') == 3  # drivers that upper-case encodings
-    with pytest.raises(FrameError) as e:
+    with pytest.raises(ImageError) as e:
         bytes_per_pixel('bayer_rggb8')
     assert reason_of(e) == 'unsupported_encoding'
     assert isinstance(e.value, ValueError)
@@ -221,7 +221,7 @@ def test_numpy_to_image_rejects_mismatched_arrays(image, encoding):
 
 def test_numpy_to_image_rejects_yuv_and_unknown():
     for enc in ('yuv422', 'bayer_rggb8'):
-        with pytest.raises(FrameError) as e:
+        with pytest.raises(ImageError) as e:
             numpy_to_image(np.zeros((2, 2, 3), np.uint8), enc)
         assert reason_of(e) == 'unsupported_encoding'
 
@@ -279,7 +279,7 @@ def test_yuv422_matches_opencv_encoder():
 def test_yuv422_odd_width_rejected():
     msg = SimpleNamespace(height=2, width=5, encoding='yuv422', is_bigendian=0, step=10,
                           data=bytes(20))
-    with pytest.raises(FrameError) as e:
+    with pytest.raises(ImageError) as e:
         image_to_numpy(msg)
     assert reason_of(e) == 'odd_width'
     assert 'width 5' in str(e.value)
@@ -358,7 +358,7 @@ def test_compressed_header_size():
 
 
 def test_encode_compressed_rejects_bad_input():
-    with pytest.raises(FrameError) as e:
+    with pytest.raises(ImageError) as e:
         encode_compressed(smooth_rgb(4, 4), fmt='webp')
     assert reason_of(e) == 'unsupported_format'
     with pytest.raises(ValueError):
@@ -391,7 +391,7 @@ def good_msg(**overrides):
     ({'encoding': '32FC1'}, 'unsupported_encoding', 'yuv422'),
 ])
 def test_bad_raw_frames(overrides, reason, text):
-    with pytest.raises(FrameError) as e:
+    with pytest.raises(ImageError) as e:
         image_to_numpy(good_msg(**overrides))
     assert reason_of(e) == reason
     assert text in str(e.value)
@@ -400,11 +400,11 @@ def test_bad_raw_frames(overrides, reason, text):
 def test_too_large_checked_before_data():
     # A forged 100000x100000 header with no data must be too_large, not a huge allocation.
     msg = good_msg(width=100000, height=100000, step=300000, data=b'')
-    with pytest.raises(FrameError) as e:
+    with pytest.raises(ImageError) as e:
         image_to_numpy(msg)
     assert reason_of(e) == 'too_large'
     assert '100000x100000' in str(e.value)
-    with pytest.raises(FrameError) as e:
+    with pytest.raises(ImageError) as e:
         image_to_numpy(good_msg(), max_pixels=640 * 480 - 1)
     assert reason_of(e) == 'too_large'
     assert image_to_numpy(good_msg(), max_pixels=640 * 480)[0].shape == (480, 640, 3)
@@ -435,14 +435,14 @@ def test_compressed_too_large_rejected_before_decoding(monkeypatch, fmt, data):
     def no_decode(*args):
         raise AssertionError('imdecode must not run for an oversized header')
     monkeypatch.setattr(image_codec.cv2, 'imdecode', no_decode)
-    with pytest.raises(FrameError) as e:
+    with pytest.raises(ImageError) as e:
         compressed_to_numpy(SimpleNamespace(format=fmt, data=data))
     assert reason_of(e) == 'too_large'
 
 
 def test_compressed_too_large_after_decoding():
     msg = encode_compressed(smooth_rgb(100, 100), fmt='jpeg')
-    with pytest.raises(FrameError) as e:
+    with pytest.raises(ImageError) as e:
         compressed_to_numpy(msg, max_pixels=5000)
     assert reason_of(e) == 'too_large'
     assert compressed_to_numpy(msg, max_pixels=10000)[0].shape == (100, 100, 3)
@@ -464,6 +464,6 @@ def test_compressed_bad_inputs():
         ('', b'GIF89a' + bytes(20), 'unsupported_format'),
     ]
     for fmt, data, reason in cases:
-        with pytest.raises(FrameError) as e:
+        with pytest.raises(ImageError) as e:
             compressed_to_numpy(SimpleNamespace(format=fmt, data=data))
         assert reason_of(e) == reason, (fmt, str(e.value))

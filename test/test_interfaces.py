@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from bluelm_ros import interfaces
+from bluelm_ros.ros import interfaces
 
 msg = interfaces.load('msg')
 srv = interfaces.load('srv')

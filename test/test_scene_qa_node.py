@@ -35,11 +35,11 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from bluelm_ros import image_codec, interfaces  # noqa: E402
-from bluelm_ros.nodes import common  # noqa: E402
-from bluelm_ros.nodes.scene_qa_node import (resolve_bundle_path,  # noqa: E402
-                                            SceneQANode, shipped_bundle_available)
-from bluelm_ros.seg.synthetic import render_scene  # noqa: E402
+from bluelm_ros.ros import image_codec, interfaces  # noqa: E402
+from bluelm_ros.ros import common  # noqa: E402
+from bluelm_ros.ros.scene_qa_node import SceneQANode  # noqa: E402
+from bluelm_ros.runtime.shipped_models import VLM_BUNDLE  # noqa: E402
+from bluelm_ros.data.synthetic import render_scene  # noqa: E402
 
 from ros_helpers import Inbox, wait_until  # noqa: E402
 
@@ -602,14 +602,14 @@ def test_missing_or_corrupt_bundle_fails_configure_naming_the_file_and_the_fix(
     os.remove(missing_file / 'vision_int8.onnx.data')
     cases = [
         ({'bundle_path': str(tmp_path / 'nowhere')}, str(tmp_path / 'nowhere'),
-         'python -m bluelm_ros.vlm.export'),
+         'bluelm-ros vlm-export'),
         ({'bundle_path': str(corrupt)}, 'decoder_int4.onnx.data', 're-export'),
-        ({'bundle_path': str(no_manifest)}, 'manifest.json', 'python -m bluelm_ros.vlm.export'),
+        ({'bundle_path': str(no_manifest)}, 'manifest.json', 'bluelm-ros vlm-export'),
         ({'bundle_path': str(missing_file)}, 'vision_int8.onnx.data', 're-export'),
         ({'bundle_path': tiny_vlm_bundle, 'decoder_precision': 'fp32'}, 'manifest.json',
          '--decoder fp32'),
     ]
-    if not shipped_bundle_available():
+    if not VLM_BUNDLE.available():
         cases.append(({'bundle_path': ''}, os.path.join('models', 'vlm', 'scene-tiny'),
                       'train_scene_vlm.sh'))
     for i, (params, file_part, fix_part) in enumerate(cases):
@@ -641,15 +641,9 @@ def test_missing_or_corrupt_bundle_fails_configure_naming_the_file_and_the_fix(
         node.destroy_node()
 
 
-def test_resolve_bundle_path():
-    assert resolve_bundle_path('').endswith(os.path.join('models', 'vlm', 'scene-tiny'))
-    assert resolve_bundle_path('/abs/bundle') == '/abs/bundle'
-    assert resolve_bundle_path('~/b') == os.path.expanduser('~/b')
-
-
 def _node_process(ns, bundle, tmp_path, *params):
     env = dict(os.environ, PYTHONUNBUFFERED='1')
-    code = 'from bluelm_ros.nodes.scene_qa_node import main; main()'
+    code = 'from bluelm_ros.ros.scene_qa_node import main; main()'
     log = open(tmp_path / f'{ns}.log', 'w+')
     args = ['--ros-args', '-r', f'__ns:=/{ns}', '-p', f'bundle_path:={bundle}',
             '-p', 'threads:=1', *params]
@@ -721,11 +715,11 @@ def test_bad_startup_parameter_exits_with_the_reason(tiny_vlm_bundle, tmp_path):
 @pytest.fixture(scope='module')
 def shipped():
     """The shipped scene-tiny bundle, its engine (the oracle) and the scenes to ask about."""
-    if not shipped_bundle_available():
+    if not VLM_BUNDLE.available():
         pytest.skip(SHIPPED_MISSING)
-    from bluelm_ros.vlm.runtime import VLMEngine
-    from bluelm_ros.vlm.scene_qa_data import is_correct, SceneQAGenerator
-    engine = VLMEngine(resolve_bundle_path(''), threads=1)
+    from bluelm_ros.runtime.vlm.engine import VLMEngine
+    from bluelm_ros.data.scene_qa import is_correct, SceneQAGenerator
+    engine = VLMEngine(VLM_BUNDLE.default_path, threads=1)
     gen = SceneQAGenerator()
     scenes = []
     for seed in (3, 11, 29):
@@ -747,7 +741,7 @@ def shipped():
 
 
 def _check_known(res_or_msg, answer_text, question, expected, stamp):
-    from bluelm_ros.vlm.scene_qa_data import is_correct
+    from bluelm_ros.data.scene_qa import is_correct
     header = getattr(res_or_msg, 'image_header', None) or res_or_msg.header
     assert res_or_msg.success, (question, res_or_msg.error_message)
     assert stamp_of(header) == (stamp, 0), question
@@ -755,7 +749,7 @@ def _check_known(res_or_msg, answer_text, question, expected, stamp):
 
 
 def test_shipped_model_right_answers_via_service_action_and_topic(rig, shipped):
-    r = rig('shipped', bundle=resolve_bundle_path(''), threads=0,
+    r = rig('shipped', bundle=VLM_BUNDLE.default_path, threads=0,
             **{'qos.reliability': 'reliable'})
     misses = []
     for i, (seed, scene, _, known) in enumerate(shipped):
@@ -787,8 +781,8 @@ def test_shipped_model_right_answers_via_service_action_and_topic(rig, shipped):
 
 
 def test_shipped_model_answers_about_an_image_in_the_request(rig, shipped):
-    from bluelm_ros.vlm.scene_qa_data import is_correct
-    r = rig('shipped_req', bundle=resolve_bundle_path(''), threads=0)
+    from bluelm_ros.data.scene_qa import is_correct
+    r = rig('shipped_req', bundle=VLM_BUNDLE.default_path, threads=0)
     seed, scene, _, known = shipped[-1]
     img = image_codec.numpy_to_image(scene.image, 'rgb8')
     img.header.stamp.sec = 3000
@@ -804,10 +798,10 @@ def test_shipped_model_answers_about_an_image_in_the_request(rig, shipped):
 
 
 def test_shipped_model_bundle_layout():
-    if not shipped_bundle_available():
+    if not VLM_BUNDLE.available():
         pytest.skip(SHIPPED_MISSING)
-    from bluelm_ros.vlm.bundle import Bundle
-    b = Bundle(resolve_bundle_path(''))
+    from bluelm_ros.runtime.vlm.bundle import Bundle
+    b = Bundle(VLM_BUNDLE.default_path)
     assert 'int8' in b.precisions('vision') and 'int4' in b.precisions('decoder')
     b.verify()
     assert b.config.name == 'scene-tiny'

@@ -23,13 +23,13 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile,  # noqa: E40
                        ReliabilityPolicy)
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from bluelm_ros import image_codec, interfaces  # noqa: E402
-from bluelm_ros.nodes import common  # noqa: E402
-from bluelm_ros.nodes.segmentation_node import (resolve_model_path,  # noqa: E402
-                                                SegmentationNode)
-from bluelm_ros.seg.labels import CITYSCAPES  # noqa: E402
-from bluelm_ros.seg.segmenter import overlay, Segmenter, to_rgb_uint8  # noqa: E402
-from bluelm_ros.seg.synthetic import render_scene  # noqa: E402
+from bluelm_ros.ros import image_codec, interfaces  # noqa: E402
+from bluelm_ros.ros import common  # noqa: E402
+from bluelm_ros.ros.segmentation_node import SegmentationNode  # noqa: E402
+from bluelm_ros.runtime import shipped_models  # noqa: E402
+from bluelm_ros.runtime.labels import CITYSCAPES  # noqa: E402
+from bluelm_ros.runtime.segmenter import overlay, Segmenter, to_rgb_uint8  # noqa: E402
+from bluelm_ros.data.synthetic import render_scene  # noqa: E402
 
 from ros_helpers import Inbox, wait_until  # noqa: E402
 
@@ -107,7 +107,7 @@ def rig(spin):
 @pytest.fixture(scope='module')
 def reference():
     """The runtime itself, on the same model and settings as the node's defaults."""
-    return Segmenter(resolve_model_path(''), threads=0)
+    return Segmenter(shipped_models.DSNET.default_path, threads=0)
 
 
 # ------------------------------------------------------------------ frames of every kind
@@ -486,7 +486,7 @@ def test_ctrl_c_while_busy_exits_cleanly(spin, tmp_path):
     """The real executable: SIGINT during inference ends it without a traceback."""
     ns = 'sigint'
     env = dict(os.environ, PYTHONUNBUFFERED='1')
-    code = 'from bluelm_ros.nodes.segmentation_node import main; main()'
+    code = 'from bluelm_ros.ros.segmentation_node import main; main()'
     log = open(tmp_path / 'node.log', 'w+')
     # Reliable: Fast DDS drops best-effort frames over 512 KB between processes unless its
     # shared-memory segment is enlarged (docs/segmentation-node.md); small frames anyway.
@@ -529,7 +529,7 @@ def test_ctrl_c_while_busy_exits_cleanly(spin, tmp_path):
 
 
 def test_bad_startup_parameter_exits_with_the_reason(tmp_path):
-    code = 'from bluelm_ros.nodes.segmentation_node import main; main()'
+    code = 'from bluelm_ros.ros.segmentation_node import main; main()'
     proc = subprocess.run(
         [sys.executable, '-c', code, '--ros-args', '-r', '__ns:=/badparam',
          '-p', 'input_type:=h264'], capture_output=True, text=True, timeout=120,

@@ -5,15 +5,16 @@ import cv2
 import numpy as np
 import pytest
 
-import bluelm_ros
-from bluelm_ros.ort_session import ModelFileError
-from bluelm_ros.seg import metrics
-from bluelm_ros.seg.datasets import ADE20KDataset, CityscapesDataset, SyntheticStreetDataset
-from bluelm_ros.seg.labels import get_label_set
-from bluelm_ros.seg.segmenter import ImageError, Segmenter
-from bluelm_ros.seg.synthetic import render_scene
+from bluelm_ros.data.datasets import ADE20KDataset, CityscapesDataset, SyntheticStreetDataset
+from bluelm_ros.data.synthetic import render_scene
+from bluelm_ros.runtime import shipped_models
+from bluelm_ros.runtime.image import ImageError
+from bluelm_ros.runtime.labels import get_label_set
+from bluelm_ros.runtime.ort_session import ModelFileError
+from bluelm_ros.runtime.segmenter import Segmenter
+from bluelm_ros.tools.dsnet import metrics
 
-MODELS = os.path.join(os.path.dirname(bluelm_ros.__file__), 'models', 'dsnet')
+MODELS = os.path.join(shipped_models.MODELS_DIR, 'dsnet')
 FP32 = os.path.join(MODELS, 'dsnet_tiny_synthetic_480x640_fp32.onnx')
 INT8 = os.path.join(MODELS, 'dsnet_tiny_synthetic_480x640_int8.onnx')
 CKPT = os.path.join(MODELS, 'dsnet_tiny_synthetic.pth.tar')
@@ -39,8 +40,8 @@ def test_shipped_models_carry_their_identity(fp32, int8):
 
 def test_onnx_matches_pytorch_on_the_shipped_weights(fp32):
     torch = pytest.importorskip('torch')
-    from bluelm_ros.seg.checkpoint import load_dsnet
-    from bluelm_ros.seg.export import parity
+    from bluelm_ros.tools.dsnet.checkpoint import load_dsnet
+    from bluelm_ros.tools.dsnet.export import parity
     torch.set_num_threads(2)
     model = load_dsnet(CKPT, 'dsnet_tiny', 19)
     agree, diff = parity(fp32, model, [VAL[i][0] for i in range(2)])

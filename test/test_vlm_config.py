@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from bluelm_ros.vlm.config import (CONFIG_DIR, BlueLMVConfig, ConfigError, count_parameters,
-                                   format_parameter_counts, load_config, main)
+from bluelm_ros.runtime.vlm.config import BlueLMVConfig, ConfigError
+from bluelm_ros.tools.vlm.configs import (CONFIG_DIR, count_parameters, format_parameter_counts,
+                                          load_config, main)
 
 NAMES = ('bluelm-v-3b', 'tiny-test')
 
@@ -143,7 +144,7 @@ def _variants():
 @pytest.mark.parametrize('name', sorted(_variants()))
 def test_count_matches_torch_module(name):
     torch = pytest.importorskip('torch')
-    from bluelm_ros.vlm.modeling import BlueLMV
+    from bluelm_ros.tools.vlm.modeling import BlueLMV
     cfg = BlueLMVConfig.from_dict(_variants()[name], source=name)
     model = BlueLMV(cfg)
     n = count_parameters(cfg)

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from bluelm_ros.vlm import dynamic_resolution as dr
-from bluelm_ros.vlm.config import load_config
+from bluelm_ros.runtime.vlm import dynamic_resolution as dr
+from bluelm_ros.tools.vlm.configs import load_config
 
 RULES = ('relaxed', 'llava_next', 'internvl')
 NINE = dr.square_grids(3)  # the paper's 9 candidates 1:1 .. 3:3

@@ -10,9 +10,10 @@ import pytest
 torch = pytest.importorskip('torch')
 pytest.importorskip('safetensors')
 
-from bluelm_ros.vlm.config import BlueLMVConfig, CONFIG_DIR, load_config  # noqa: E402
-from bluelm_ros.vlm.modeling import (BlueLMV, DecoderForExport,  # noqa: E402
-                                     TokenDownsampler, build_attention_mask)
+from bluelm_ros.runtime.vlm.config import BlueLMVConfig  # noqa: E402
+from bluelm_ros.tools.vlm.configs import CONFIG_DIR, load_config  # noqa: E402
+from bluelm_ros.tools.vlm.modeling import (BlueLMV, DecoderForExport,  # noqa: E402
+                                           TokenDownsampler, build_attention_mask)
 
 
 def tiny_dict():
@@ -150,7 +151,7 @@ def test_vision_onnx_export_fixed_batch(tmp_path):
 
 def test_full_config_builds_on_meta_device():
     # the 3B model's module tree matches the analytic count without allocating memory
-    from bluelm_ros.vlm.config import count_parameters
+    from bluelm_ros.tools.vlm.configs import count_parameters
     cfg = load_config('bluelm-v-3b')
     with torch.device('meta'):
         model = BlueLMV(cfg)

@@ -1,7 +1,7 @@
 """Parity of converted checkpoints against transformers (the oracle), plus KV-cache checks.
 
 Tiny random-weight HF models are built from configs (no download), saved with
-``save_pretrained``, converted with ``bluelm_ros.vlm.convert`` and compared on an
+``save_pretrained``, converted with ``bluelm_ros.tools.vlm.convert`` and compared on an
 image + text prompt: logits within 1e-4 (FP32) and identical greedy tokens.
 """
 
@@ -15,11 +15,11 @@ transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 tokenizers = pytest.importorskip('tokenizers')
 
-from bluelm_ros.vlm.config import load_config  # noqa: E402
-from bluelm_ros.vlm.convert import (ConversionError, convert_idefics3,  # noqa: E402
-                                    convert_llava)
-from bluelm_ros.vlm.modeling import BlueLMV  # noqa: E402
-from bluelm_ros.vlm.tokenizer import TokenizerError, VLMTokenizer  # noqa: E402
+from bluelm_ros.tools.vlm.configs import load_config  # noqa: E402
+from bluelm_ros.tools.vlm.convert import (ConversionError, convert_idefics3,  # noqa: E402
+                                          convert_llava)
+from bluelm_ros.tools.vlm.modeling import BlueLMV  # noqa: E402
+from bluelm_ros.runtime.vlm.tokenizer import TokenizerError, VLMTokenizer  # noqa: E402
 
 VOCAB = 128
 IMAGE_TOKEN = 127

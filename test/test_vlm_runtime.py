@@ -19,13 +19,13 @@ pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 pytest.importorskip('tokenizers')
 
-from bluelm_ros.vlm.bundle import Bundle, BundleError  # noqa: E402
-from bluelm_ros.vlm.config import load_config  # noqa: E402
-from bluelm_ros.vlm.dynamic_resolution import DynamicResolution  # noqa: E402
-from bluelm_ros.vlm.export import ExportOptions, export_bundle  # noqa: E402
-from bluelm_ros.vlm.modeling import BlueLMV  # noqa: E402
-from bluelm_ros.vlm.runtime import (ContextOverflowError, ImageEmbedding,  # noqa: E402
-                                    VLMEngine, sample_token)
+from bluelm_ros.runtime.vlm.bundle import Bundle, BundleError  # noqa: E402
+from bluelm_ros.tools.vlm.configs import load_config  # noqa: E402
+from bluelm_ros.runtime.vlm.dynamic_resolution import DynamicResolution  # noqa: E402
+from bluelm_ros.tools.vlm.export import ExportOptions, export_bundle  # noqa: E402
+from bluelm_ros.tools.vlm.modeling import BlueLMV  # noqa: E402
+from bluelm_ros.runtime.vlm.engine import (ContextOverflowError,  # noqa: E402
+                                           ImageEmbedding, VLMEngine, sample_token)
 
 NEW = 24
 
@@ -338,7 +338,7 @@ def test_image_cache_and_vision_release(tiny):
 
 
 def test_runtime_does_not_import_torch():
-    code = ('import sys; import bluelm_ros.vlm.runtime, bluelm_ros.vlm.bundle; '
+    code = ('import sys; import bluelm_ros.runtime.vlm.engine, bluelm_ros.runtime.vlm.bundle; '
             'assert "torch" not in sys.modules, "torch imported"')
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

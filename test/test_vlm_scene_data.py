@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from bluelm_ros.seg import synthetic as syn
-from bluelm_ros.vlm import scene_qa_data as sqa
-from bluelm_ros.vlm.config import load_config
-from bluelm_ros.vlm.dynamic_resolution import DynamicResolution
+from bluelm_ros.data import synthetic as syn
+from bluelm_ros.data import scene_qa as sqa
+from bluelm_ros.tools.vlm.configs import load_config
+from bluelm_ros.runtime.vlm.dynamic_resolution import DynamicResolution
 
 GEN = sqa.SceneQAGenerator()
 
@@ -257,13 +257,13 @@ def test_caption_normalize_and_score():
 def tokenizer(tmp_path_factory):
     pytest.importorskip('torch')
     pytest.importorskip('tokenizers')
-    from bluelm_ros.vlm.train import train_tokenizer
+    from bluelm_ros.tools.vlm.train import train_tokenizer
     path = tmp_path_factory.mktemp('tok') / 'tokenizer.json'
     return train_tokenizer(str(path), load_config('scene-tiny'))
 
 
 def test_tokenizer_round_trip(tokenizer, tmp_path):
-    from bluelm_ros.vlm.train import train_tokenizer
+    from bluelm_ros.tools.vlm.train import train_tokenizer
     cfg = tokenizer.config
     assert tokenizer.tokenizer.get_vocab_size() <= cfg.text.vocab_size
     for name, want in (('<pad>', cfg.pad_token_id), ('<s>', cfg.bos_token_id),
@@ -323,7 +323,7 @@ def test_flipped_scenes_and_colour_maps():
 
 
 def test_patch_targets_follow_the_tiler():
-    from bluelm_ros.vlm.train import patch_targets
+    from bluelm_ros.tools.vlm.train import patch_targets
     cfg = load_config('scene-tiny')
     dr = DynamicResolution.from_config(cfg)
     h, w = 300, 500
@@ -350,7 +350,7 @@ def test_patch_targets_follow_the_tiler():
 
 def test_collate_packs_questions_behind_one_image(tokenizer):
     import torch
-    from bluelm_ros.vlm.train import IGNORE, N_COLOR, N_SEM, SceneQATrainSet, collate_train
+    from bluelm_ros.tools.vlm.train import IGNORE, N_COLOR, N_SEM, SceneQATrainSet, collate_train
     cfg = tokenizer.config
     data = SceneQATrainSet(tokenizer, cfg, start=5, length=2, scale_range=(0.3, 0.3))
     items = [data[0], data[1]]
@@ -384,10 +384,10 @@ def test_collate_packs_questions_behind_one_image(tokenizer):
 
 def test_packed_blocks_equal_separate_prompts(tokenizer, tmp_path):
     import torch
-    from bluelm_ros.vlm.config import BlueLMVConfig
-    from bluelm_ros.vlm.modeling import BlueLMV
-    from bluelm_ros.vlm.train import (SceneQATrainSet, collate_train, image_embeddings,
-                                      packed_mask)
+    from bluelm_ros.runtime.vlm.config import BlueLMVConfig
+    from bluelm_ros.tools.vlm.modeling import BlueLMV
+    from bluelm_ros.tools.vlm.train import (SceneQATrainSet, collate_train, image_embeddings,
+                                            packed_mask)
     torch.manual_seed(0)
     cfg = BlueLMVConfig.from_json(_mini_config(tmp_path))
     model = BlueLMV(cfg).eval()
@@ -411,9 +411,9 @@ def test_packed_blocks_equal_separate_prompts(tokenizer, tmp_path):
 
 def test_batched_greedy_matches_generate_greedy(tokenizer, tmp_path):
     import torch
-    from bluelm_ros.vlm.config import BlueLMVConfig
-    from bluelm_ros.vlm.modeling import BlueLMV
-    from bluelm_ros.vlm.train import HeldoutSet, generate_batch
+    from bluelm_ros.runtime.vlm.config import BlueLMVConfig
+    from bluelm_ros.tools.vlm.modeling import BlueLMV
+    from bluelm_ros.tools.vlm.train import HeldoutSet, generate_batch
     torch.manual_seed(0)
     cfg = BlueLMVConfig.from_json(_mini_config(tmp_path))
     model = BlueLMV(cfg).eval()
@@ -433,7 +433,7 @@ def test_batched_greedy_matches_generate_greedy(tokenizer, tmp_path):
 def test_cpu_training_smoke(tmp_path):
     pytest.importorskip('torch')
     pytest.importorskip('tokenizers')
-    from bluelm_ros.vlm import train
+    from bluelm_ros.tools.vlm import train
     out = tmp_path / 'run'
     p = argparse.ArgumentParser()
     train.add_arguments(p)

@@ -6,9 +6,10 @@ import pytest
 
 pytest.importorskip('tokenizers')
 
-from bluelm_ros.vlm.config import load_config  # noqa: E402
-from bluelm_ros.vlm.tokenizer import (StreamDecoder, TokenizerError,  # noqa: E402
-                                      VLMTokenizer, expand_image_tokens)
+from bluelm_ros.tools.vlm.configs import load_config  # noqa: E402
+from bluelm_ros.runtime.vlm.tokenizer import (StreamDecoder,  # noqa: E402
+                                              TokenizerError, VLMTokenizer,
+                                              expand_image_tokens)
 
 
 @pytest.fixture()

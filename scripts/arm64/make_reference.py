@@ -45,8 +45,9 @@ def log(msg):
 
 
 def dsnet_reference(threads):
-    from bluelm_ros.seg.segmenter import Segmenter, normalize, to_rgb_uint8
-    from bluelm_ros.seg.synthetic import render_scene
+    from bluelm_ros.runtime.image import to_rgb_uint8
+    from bluelm_ros.runtime.segmenter import normalize, Segmenter
+    from bluelm_ros.data.synthetic import render_scene
 
     out, info = {}, {'scenes': [list(s) for s in SCENES], 'models': {}, 'ms': {}}
     images = [render_scene(seed, h, w).image for seed, h, w in SCENES]
@@ -93,14 +94,14 @@ def find_vlm_bundle():
 def vlm_reference(threads):
     """Return (arrays, info); info['skip'] says why when there is nothing to compare."""
     try:
-        from bluelm_ros.vlm.runtime import VLMEngine
+        from bluelm_ros.runtime.vlm.engine import VLMEngine
     except ImportError as exc:
-        return {}, {'skip': f'no VLM runtime yet (bluelm_ros.vlm.runtime: {exc})'}
+        return {}, {'skip': f'no VLM runtime yet (bluelm_ros.runtime.vlm.engine: {exc})'}
     bundle = find_vlm_bundle()
     if bundle is None:
         return {}, {'skip': 'no shipped VLM bundle (bluelm_ros/models/vlm/*/manifest.json)'}
-    from bluelm_ros.seg.synthetic import render_scene
-    from bluelm_ros.vlm.bundle import Bundle
+    from bluelm_ros.data.synthetic import render_scene
+    from bluelm_ros.runtime.vlm.bundle import Bundle
 
     b = Bundle(bundle)
     pairs = [(v, d) for v, d in VLM_PAIRS

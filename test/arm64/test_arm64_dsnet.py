@@ -37,7 +37,7 @@ def ref(reference):
 
 @pytest.fixture(scope='module')
 def segmenters(reference):
-    from bluelm_ros.seg.segmenter import Segmenter
+    from bluelm_ros.runtime.segmenter import Segmenter
     names = reference['dsnet']['models']
     return {prec: Segmenter(os.path.join(_model_dir(), name), threads=THREADS)
             for prec, name in names.items()}
@@ -84,7 +84,8 @@ def _resized_scenes(ref):
 
 def test_preprocessing_on_resize_path(ref, segmenters, report):
     """cv2 resize + normalization of a camera-sized frame: at most one uint8 step off x86."""
-    from bluelm_ros.seg.segmenter import normalize, to_rgb_uint8
+    from bluelm_ros.runtime.image import to_rgb_uint8
+    from bluelm_ros.runtime.segmenter import normalize
     for i in _resized_scenes(ref):
         x = normalize(to_rgb_uint8(ref['data'][f'image_{i}']), segmenters['fp32'].input_size)
         diff = np.abs(x - ref['data'][f'input_{i}'])

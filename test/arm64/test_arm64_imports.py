@@ -8,8 +8,8 @@ import sys
 
 # Packages the runtime must never pull in (training/export side, or ROS).
 FORBIDDEN = ('torch', 'torchvision', 'transformers', 'onnx', 'onnxruntime_genai', 'rclpy')
-RUNTIME_MODULES = ('bluelm_ros.ort_session', 'bluelm_ros.image_codec',
-                   'bluelm_ros.seg.segmenter', 'bluelm_ros.vlm.runtime')
+RUNTIME_MODULES = ('bluelm_ros.runtime.ort_session', 'bluelm_ros.ros.image_codec',
+                   'bluelm_ros.runtime.segmenter', 'bluelm_ros.runtime.vlm.engine')
 EM_AARCH64, EM_X86_64, EM_386 = 183, 62, 3
 # Linux arm64 HWCAP / HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h).
 HWCAP = {'asimd': 1, 'atomics': 8, 'asimdhp': 10, 'asimddp': 20, 'sve': 22}
@@ -57,7 +57,7 @@ def test_runtime_imports_only_aarch64_code(report):
         # Not even installed in the arm64 root: importing one would fail the import below.
         assert importlib.util.find_spec(name) is None, f'{name} is installed in the root'
     for name in RUNTIME_MODULES:
-        if name == 'bluelm_ros.vlm.runtime' and importlib.util.find_spec(name) is None:
+        if name == 'bluelm_ros.runtime.vlm.engine' and importlib.util.find_spec(name) is None:
             continue
         importlib.import_module(name)
     loaded = sorted({m.split('.')[0] for m in sys.modules} & set(FORBIDDEN))

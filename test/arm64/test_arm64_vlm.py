@@ -49,7 +49,7 @@ def _bundle_path(info):
 
 
 def _engine(info, key):
-    from bluelm_ros.vlm.runtime import VLMEngine
+    from bluelm_ros.runtime.vlm.engine import VLMEngine
     vision, decoder = key.split('_')
     return VLMEngine(_bundle_path(info), vision_precision=vision, decoder_precision=decoder,
                      threads=THREADS)
@@ -81,8 +81,8 @@ def _embeds_stats(got, want):
 
 def _vision_on_tiles(eng, tiles, precision):
     """A vision graph on given tiles, batched as VLMEngine.encode_image does."""
-    from bluelm_ros.ort_session import create_session
-    from bluelm_ros.vlm.dynamic_resolution import tile_batches
+    from bluelm_ros.runtime.ort_session import create_session
+    from bluelm_ros.runtime.vlm.dynamic_resolution import tile_batches
     path = eng.bundle.component_files('vision', precision)[0]
     sess, _ = create_session(path, threads=THREADS)
     outs = [sess.run(None, {'pixel_values': batch})[0][:n]

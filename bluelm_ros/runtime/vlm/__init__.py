@@ -1,0 +1,1 @@
+"""BlueLM-V on ONNX Runtime: config, tokenizer, tiler, bundle format, decoder, engine."""

@@ -1,1 +1,0 @@
-"""Semantic segmentation models (DSNet) and their checkpoint loaders."""

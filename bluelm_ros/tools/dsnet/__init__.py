@@ -1,0 +1,1 @@
+"""DSNet in PyTorch: model, official-checkpoint loader, ONNX export, training, evaluation."""

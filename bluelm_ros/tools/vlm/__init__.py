@@ -1,0 +1,1 @@
+"""BlueLM-V in PyTorch: modeling, bundle export, scene-QA training, checkpoint converters."""

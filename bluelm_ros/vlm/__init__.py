@@ -1,1 +1,0 @@
-"""BlueLM-V model side: configs, dynamic resolution, PyTorch model, converters, tokenizer."""
