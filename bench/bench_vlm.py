@@ -170,7 +170,7 @@ def run_pipeline(args):
     image = rng.integers(0, 256, (1536, 768, 3), dtype=np.uint8)
     phases = {'start': rss_mb()}
     emb = eng.encode_image(image, key='probe')  # only to size the prompt
-    eng._images.clear()
+    eng.images.clear()
     phases['after_vision'] = rss_mb()
     ids_len = args.context
     _, question = _prompt_ids(eng, emb, ids_len)
@@ -183,7 +183,7 @@ def run_pipeline(args):
             'image_encode_ms': tm.image_encode_ms, 'prefill_ms': tm.prefill_ms,
             'ttft_with_image_encode_ms': tm.time_to_first_token_ms,
             'decode_tokens_per_second': tm.tokens_per_second,
-            'kv_slots': eng._mask.shape[1]}
+            'kv_slots': eng.decoder.capacity}
 
 
 # ---------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def test_the_bringup_launch_file_and_the_bringup_cli_start_the_same_node_set():
     assert nodes['scene_qa_node']['remaps'] == ['image', 'scene_context']
     assert nodes['segmentation_node']['remaps'] == ['image']
     # bringup.py remaps the same names (checked on live nodes in the bringup test below).
-    with open(os.path.join(ROOT, 'bluelm_ros', 'nodes', 'bringup.py')) as f:
+    with open(os.path.join(ROOT, 'bluelm_ros', 'ros', 'bringup.py')) as f:
         text = f.read()
     assert "('scene_context', 'segmentation_node/class_stats')" in text
     with open(os.path.join(LAUNCH_DIR, 'bluelm_ros.launch.py')) as f:

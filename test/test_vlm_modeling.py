@@ -12,8 +12,8 @@ pytest.importorskip('safetensors')
 
 from bluelm_ros.runtime.vlm.config import BlueLMVConfig  # noqa: E402
 from bluelm_ros.tools.vlm.configs import CONFIG_DIR, load_config  # noqa: E402
-from bluelm_ros.tools.vlm.modeling import (BlueLMV, DecoderForExport,  # noqa: E402
-                                           TokenDownsampler, build_attention_mask)
+from bluelm_ros.tools.vlm.modeling import (BlueLMV, build_attention_mask,  # noqa: E402
+                                           TokenDownsampler)
 
 
 def tiny_dict():
@@ -68,56 +68,6 @@ def test_save_load_round_trip_and_errors(tmp_path):
     save_file(state, path)
     with pytest.raises(KeyError, match='missing tensor'):
         BlueLMV.from_pretrained(str(tmp_path))
-
-
-def _export_decoder(lm, path):
-    wrapper = DecoderForExport(lm).eval()
-    ins, outs = wrapper.io_names()
-    cfg = lm.config
-    n_kv = 2 * cfg.num_hidden_layers
-    past = [torch.zeros(1, cfg.num_key_value_heads, 3, cfg.head_dim) for _ in range(n_kv)]
-    args = (torch.randn(1, 5, cfg.hidden_size), torch.arange(3, 8)[None],
-            torch.ones(1, 8, dtype=torch.long), *past)
-    axes = {'inputs_embeds': {0: 'batch', 1: 'seq'}, 'position_ids': {0: 'batch', 1: 'seq'},
-            'attention_mask': {0: 'batch', 1: 'total'}, 'logits': {0: 'batch', 1: 'seq'}}
-    axes.update({n: {0: 'batch', 2: 'past'} for n in ins[3:]})
-    axes.update({n: {0: 'batch', 2: 'total'} for n in outs[1:]})
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        torch.onnx.export(wrapper, args, path, input_names=ins, output_names=outs,
-                          dynamic_axes=axes, opset_version=17, dynamo=False)
-    return wrapper, ins
-
-
-def test_decoder_onnx_export_with_kv(tmp_path):
-    pytest.importorskip('onnx')
-    ort = pytest.importorskip('onnxruntime')
-    torch.manual_seed(0)
-    model = BlueLMV(load_config('tiny-test')).eval()
-    lm = model.language_model
-    path = str(tmp_path / 'decoder.onnx')
-    wrapper, names = _export_decoder(lm, path)
-    sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
-    cfg = lm.config
-    past = [torch.zeros(1, cfg.num_key_value_heads, 0, cfg.head_dim)
-            for _ in range(2 * cfg.num_hidden_layers)]
-    x = torch.randn(1, 9, cfg.hidden_size)
-    total = 0
-    # prefill 9 tokens from an empty cache, then two single-token decode steps
-    for step in (x, torch.randn(1, 1, cfg.hidden_size), torch.randn(1, 1, cfg.hidden_size)):
-        t = step.shape[1]
-        pos = torch.arange(total, total + t)[None]
-        mask = torch.ones(1, total + t, dtype=torch.long)
-        with torch.no_grad():
-            ref = wrapper(step, pos, mask, *past)
-        feed = {n: v.numpy() for n, v in zip(names, (step, pos, mask, *past))}
-        got = sess.run(None, feed)
-        for a, b in zip(got, ref):
-            assert a.shape == tuple(b.shape)
-            assert np.abs(a - b.numpy()).max() < 1e-4
-        past = [torch.from_numpy(a) for a in got[1:]]
-        total += t
-    assert past[0].shape[2] == 11
 
 
 def test_vision_onnx_export_fixed_batch(tmp_path):

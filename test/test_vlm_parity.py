@@ -16,8 +16,7 @@ pytest.importorskip('safetensors')
 tokenizers = pytest.importorskip('tokenizers')
 
 from bluelm_ros.tools.vlm.configs import load_config  # noqa: E402
-from bluelm_ros.tools.vlm.convert import (ConversionError, convert_idefics3,  # noqa: E402
-                                          convert_llava)
+from bluelm_ros.tools.vlm.convert import ConversionError, convert, FAMILIES  # noqa: E402
 from bluelm_ros.tools.vlm.modeling import BlueLMV  # noqa: E402
 from bluelm_ros.runtime.vlm.tokenizer import TokenizerError, VLMTokenizer  # noqa: E402
 
@@ -162,7 +161,7 @@ def llava_pair(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(request.param)
     hf_dir, out_dir = str(base / 'hf'), str(base / 'ours')
     hf = build_llava(hf_dir, **LLAVA_CASES[request.param])
-    cfg = convert_llava(hf_dir, out_dir)
+    cfg = convert('llava', hf_dir, out_dir)
     ours = BlueLMV.from_pretrained(out_dir)
     return request.param, hf, ours, VLMTokenizer.from_dir(out_dir), cfg
 
@@ -195,7 +194,7 @@ def test_llava_converted_files(llava_pair, tmp_path):
 def test_idefics3_parity(tmp_path, smol, size, scale):
     hf_dir, out_dir = str(tmp_path / 'hf'), str(tmp_path / 'ours')
     hf = build_idefics3(hf_dir, seed=3, smolvlm=smol, image_size=size, scale=scale)
-    cfg = convert_idefics3(hf_dir, out_dir)
+    cfg = convert('idefics3', hf_dir, out_dir)
     assert cfg.downsampler == 'pixel_shuffle' and cfg.downsample_factor == scale
     assert cfg.tokens_per_tile == (size // 16 // scale) ** 2 == 4
     ours = BlueLMV.from_pretrained(out_dir)
@@ -291,8 +290,8 @@ def test_conversion_errors(tmp_path):
     # missing tokenizer.json is named
     os.rename(hf_dir / 'tokenizer.json', tmp_path / 'tok.json')
     with pytest.raises(ConversionError, match='tokenizer.json'):
-        convert_llava(str(hf_dir), out)
-    convert_llava(str(hf_dir), out, require_tokenizer=False)
+        convert('llava', str(hf_dir), out)
+    convert('llava', str(hf_dir), out, require_tokenizer=False)
     with pytest.raises(TokenizerError, match='tokenizer.json'):
         VLMTokenizer.from_dir(out)
     os.rename(tmp_path / 'tok.json', hf_dir / 'tokenizer.json')
@@ -303,16 +302,16 @@ def test_conversion_errors(tmp_path):
     bad['text_config']['vocab_size'] = VOCAB + 8
     cfg_path.write_text(json.dumps(bad))
     with pytest.raises(ConversionError, match=r'model\.safetensors.*embed_tokens.*shape'):
-        convert_llava(str(hf_dir), out)
+        convert('llava', str(hf_dir), out)
     # unsupported / missing config keys name the key
     bad = dict(good, vision_config=dict(good['vision_config'], model_type='clip_vision_model'))
     cfg_path.write_text(json.dumps(bad))
     with pytest.raises(ConversionError, match='vision_config.model_type'):
-        convert_llava(str(hf_dir), out)
+        convert('llava', str(hf_dir), out)
     bad = {k: v for k, v in good.items() if k != 'text_config'}
     cfg_path.write_text(json.dumps(bad))
     with pytest.raises(ConversionError, match='config.json: text_config: missing'):
-        convert_llava(str(hf_dir), out)
+        convert('llava', str(hf_dir), out)
     cfg_path.write_text(json.dumps(good))
     # a missing tensor is named
     from safetensors.torch import load_file, save_file
@@ -321,14 +320,25 @@ def test_conversion_errors(tmp_path):
     state.pop('multi_modal_projector.linear_2.weight')
     save_file(state, wpath)
     with pytest.raises(ConversionError, match='projector.linear_2.weight'):
-        convert_llava(str(hf_dir), out)
+        convert('llava', str(hf_dir), out)
     state['multi_modal_projector.linear_2.weight'] = torch.zeros(64, 64)
     state['multi_modal_projector.extra.weight'] = torch.zeros(1)
     save_file(state, wpath)
     with pytest.raises(ConversionError, match='multi_modal_projector.extra.weight: unexpected'):
-        convert_llava(str(hf_dir), out)
+        convert('llava', str(hf_dir), out)
     with pytest.raises(ConversionError, match='config.json: file not found'):
-        convert_llava(str(tmp_path / 'nowhere'), out)
+        convert('llava', str(tmp_path / 'nowhere'), out)
+    with pytest.raises(ConversionError, match="unknown checkpoint family 'qwen'"):
+        convert('qwen', str(hf_dir), out)
+
+
+def test_every_registered_family_is_one_module_with_its_family():
+    from bluelm_ros.tools.vlm.convert import family
+    assert set(FAMILIES) >= {'llava', 'idefics3'}
+    for name, module in FAMILIES.items():
+        fam = family(name)
+        assert fam.name == name and module.endswith('.' + name)
+        assert callable(fam.config) and fam.layout.text and fam.description
 
 
 def test_llava_key_layouts_and_shards(tmp_path):
@@ -336,7 +346,7 @@ def test_llava_key_layouts_and_shards(tmp_path):
     from safetensors.torch import load_file, save_file
     hf_dir = tmp_path / 'hf'
     build_llava(str(hf_dir), kv=2, tie=False, layer=-1, strategy='full')
-    ref_cfg = convert_llava(str(hf_dir), str(tmp_path / 'ref'))
+    ref_cfg = convert('llava', str(hf_dir), str(tmp_path / 'ref'))
     ref = BlueLMV.from_pretrained(str(tmp_path / 'ref'))
     state = load_file(str(hf_dir / 'model.safetensors'))
     os.remove(hf_dir / 'model.safetensors')
@@ -354,14 +364,14 @@ def test_llava_key_layouts_and_shards(tmp_path):
         weight_map.update({k: fname for k in ks})
     (hf_dir / 'model.safetensors.index.json').write_text(
         json.dumps({'metadata': {}, 'weight_map': weight_map}))
-    cfg = convert_llava(str(hf_dir), str(tmp_path / 'sharded'))
+    cfg = convert('llava', str(hf_dir), str(tmp_path / 'sharded'))
     assert cfg == dataclasses_replace_name(ref_cfg, cfg.name)
     got = BlueLMV.from_pretrained(str(tmp_path / 'sharded'))
     for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
         assert torch.equal(a, b), k
     os.remove(hf_dir / 'model-00002-of-00002.safetensors')
     with pytest.raises(ConversionError, match='model-00002-of-00002.safetensors'):
-        convert_llava(str(hf_dir), str(tmp_path / 'x'))
+        convert('llava', str(hf_dir), str(tmp_path / 'x'))
 
 
 def dataclasses_replace_name(cfg, name):

@@ -5,6 +5,7 @@ argmax margins are decisive) is exported once per module to FP32 + INT8 vision a
 FP32 + INT4 decoder graphs; every test runs against that bundle.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,13 +20,17 @@ pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 pytest.importorskip('tokenizers')
 
-from bluelm_ros.runtime.vlm.bundle import Bundle, BundleError  # noqa: E402
-from bluelm_ros.tools.vlm.configs import load_config  # noqa: E402
+from bluelm_ros.runtime.vlm.bundle import (Bundle, BundleError, DecoderIO,  # noqa: E402
+                                           VisionIO)
+from bluelm_ros.runtime.vlm.decoder import Decoder  # noqa: E402
 from bluelm_ros.runtime.vlm.dynamic_resolution import DynamicResolution  # noqa: E402
+from bluelm_ros.runtime.vlm.engine import (ContextOverflowError,  # noqa: E402
+                                           ImageEmbedding, VLMEngine)
+from bluelm_ros.runtime.vlm.kv_buffer_decoder import KVBufferDecoder  # noqa: E402
+from bluelm_ros.runtime.vlm.sampling import sample_token  # noqa: E402
+from bluelm_ros.tools.vlm.configs import load_config  # noqa: E402
 from bluelm_ros.tools.vlm.export import ExportOptions, export_bundle  # noqa: E402
 from bluelm_ros.tools.vlm.modeling import BlueLMV  # noqa: E402
-from bluelm_ros.runtime.vlm.engine import (ContextOverflowError,  # noqa: E402
-                                           ImageEmbedding, VLMEngine, sample_token)
 
 NEW = 24
 
@@ -127,6 +132,80 @@ def test_corrupt_or_missing_file_is_refused(tiny, tmp_path):
         Bundle(dst)
 
 
+def test_graph_names_come_from_the_manifest_and_old_manifests_still_load(tiny, quant,
+                                                                         tmp_path):
+    b = Bundle(tiny[1])
+    io = b.decoder_io('int4')
+    assert io == DecoderIO.for_layers(b.config.text.num_hidden_layers, 'float32')
+    assert io.layer(1)[0].past == 'past_key_values.1.key'
+    assert b.entry('decoder', 'int4')['io']['cache'][0]['present'] == 'present.0.key'
+    assert b.vision_io('int8') == VisionIO()
+    # A bundle exported before the names were recorded (the shipped one is such a bundle).
+    old = str(tmp_path / 'old')
+    shutil.copytree(tiny[1], old)
+    with open(os.path.join(old, 'manifest.json')) as f:
+        manifest = json.load(f)
+    for comp in ('vision', 'decoder'):
+        for entry in manifest['components'][comp].values():
+            del entry['io']
+    with open(os.path.join(old, 'manifest.json'), 'w') as f:
+        json.dump(manifest, f)
+    assert Bundle(old).decoder_io('int4') == io
+    image = _image(300, 700, seed=11)
+    kw = dict(max_new_tokens=10, stop_token_ids=[], reuse_prefix=False)
+    got = VLMEngine(old, threads=1, verify='size').generate('what is it ?', image=image, **kw)
+    assert got.tokens == quant.generate('what is it ?', image=image, **kw).tokens
+    # Names the graph does not have are refused, naming the fix.
+    manifest['components']['decoder']['int4']['io'] = dict(
+        io.to_entry(), cache=[dict(t, past=t['past'] + '_x') for t in io.to_entry()['cache']])
+    with open(os.path.join(old, 'manifest.json'), 'w') as f:
+        json.dump(manifest, f)
+    with pytest.raises(BundleError, match=r'past_key_values\.0\.key_x.*Re-export'):
+        VLMEngine(old, threads=1, verify='size').load(vision=False)
+
+
+class RecomputingDecoder(Decoder):
+    """A second backend through the decoder interface: no KV reuse at all.
+
+    Every call runs the whole sequence again from an empty cache on the bundle's graph,
+    the way a stateless backend would; only the interface's bookkeeping is shared.
+    """
+
+    def __init__(self, inner):
+        super().__init__(inner.max_context)
+        self.inner, self.rows = inner, []  # one embedding row per cached token
+
+    @classmethod
+    def from_bundle(cls, bundle, precision, max_context, kv_block, providers, **options):
+        return cls(KVBufferDecoder.from_bundle(bundle, precision, max_context, kv_block,
+                                               providers, **options))
+
+    def _append(self, embeds):
+        self.rows.extend(embeds)
+        self.inner.reset()
+        return self.inner.step(np.stack(self.rows), list(range(len(self.rows))))
+
+    def _truncate(self, n):
+        del self.rows[n:]
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_second_decoder_backend_gives_the_same_answers(tiny, quant):
+    eng = VLMEngine(tiny[1], threads=1, verify='size',
+                    decoder_factory=RecomputingDecoder.from_bundle)
+    image = _image(500, 400, seed=12)
+    kw = dict(max_new_tokens=6, stop_token_ids=[])
+    for question in ('what is it ?', 'and the colour ?'):  # the second reuses the prefix
+        got = eng.generate(question, image=image, **kw)
+        ref = quant.generate(question, image=image, reuse_prefix=False, **kw)
+        assert got.tokens == ref.tokens
+    assert got.timings.reused_prefix_tokens > got.timings.image_tokens
+    assert isinstance(eng.decoder, RecomputingDecoder)
+    assert eng.cached_tokens == len(eng.decoder.rows)
+
+
 # ---------------------------------------------------------------------------
 # parity with PyTorch
 
@@ -226,7 +305,8 @@ def test_kv_buffer_growth_keeps_tokens(tiny):
         runs.append(eng.generate('describe it', image=image, max_new_tokens=40,
                                  stop_token_ids=[]).tokens)
         if block == 8:
-            assert eng._mask.shape[1] % 8 == 0 and eng._mask.shape[1] - eng.cached_tokens < 8
+            cap = eng.decoder.capacity
+            assert cap % 8 == 0 and cap - eng.cached_tokens < 8
     assert runs[0] == runs[1] and runs[2] == runs[3]
 
 
@@ -326,7 +406,7 @@ def test_image_cache_and_vision_release(tiny):
                     verify='size')
     imgs = [_image(200, 300, seed=s) for s in range(3)]
     e0 = eng.encode_image(imgs[0], key='f0')
-    assert eng._vision is None  # freed after encoding
+    assert not eng.images.loaded  # freed after encoding
     assert eng.encode_image(imgs[0], key='f0') is e0  # cached, no re-encode
     eng.encode_image(imgs[1], key='f1')
     eng.encode_image(imgs[2], key='f2')
@@ -368,4 +448,4 @@ def test_reduced_precision_kv_cache(tiny, quant, kv):
           f'logit cosine {cos:.5f}')
     assert cos > 0.99 and agree > 0.8
     dtype = {'float16': np.float16, 'int8': np.int8}[kv]
-    assert eng._kv['past_key_values.0.key'].dtype == dtype
+    assert eng.decoder.buffers['past_key_values.0.key'].dtype == dtype

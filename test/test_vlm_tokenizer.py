@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip('tokenizers')
 
 from bluelm_ros.tools.vlm.configs import load_config  # noqa: E402
-from bluelm_ros.runtime.vlm.tokenizer import (StreamDecoder,  # noqa: E402
-                                              TokenizerError, VLMTokenizer,
+from bluelm_ros.runtime.vlm.sampling import TextStream  # noqa: E402
+from bluelm_ros.runtime.vlm.tokenizer import (TokenizerError, VLMTokenizer,  # noqa: E402
                                               expand_image_tokens)
 
 
@@ -65,9 +65,9 @@ def test_decode_and_stream(tok):
     text = tok.decode(ids + [tok.eos_token_ids[0], tok.image_token_id])
     assert text == 'what is this ?'
     assert tok.is_eos(tok.eos_token_ids[0]) and not tok.is_eos(ids[0])
-    s = StreamDecoder(tok)
+    s = TextStream(tok, stop_strings=())
     pieces = [s.push(i) for i in ids]
-    assert ''.join(pieces) == 'what is this ?'
+    assert ''.join(pieces) + s.finish() == 'what is this ?'
 
 
 def test_missing_or_bad_tokenizer(tmp_path):

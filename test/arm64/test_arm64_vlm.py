@@ -85,8 +85,10 @@ def _vision_on_tiles(eng, tiles, precision):
     from bluelm_ros.runtime.vlm.dynamic_resolution import tile_batches
     path = eng.bundle.component_files('vision', precision)[0]
     sess, _ = create_session(path, threads=THREADS)
-    outs = [sess.run(None, {'pixel_values': batch})[0][:n]
-            for batch, n in tile_batches(tiles, eng.tile_batch_size, eng.pad_tile_batches)]
+    io = eng.bundle.vision_io(precision)
+    outs = [sess.run([io.image_embeds], {io.pixel_values: batch})[0][:n]
+            for batch, n in tile_batches(tiles, eng.images.tile_batch_size,
+                                         eng.images.pad_tile_batches)]
     return np.concatenate(outs).reshape(-1, eng.config.text.hidden_size)
 
 

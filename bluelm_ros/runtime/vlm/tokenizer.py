@@ -103,22 +103,3 @@ def expand_image_tokens(ids: Sequence[int], image_token_id: int, n: int) -> list
     for i in ids:
         out.extend([i] * n if i == image_token_id else [i])
     return out
-
-
-class StreamDecoder:
-    """Incremental detokenisation for streaming: feed ids, get new complete text."""
-
-    def __init__(self, tokenizer: VLMTokenizer):
-        self.tokenizer = tokenizer
-        self.ids = []
-        self.emitted = ''
-
-    def push(self, token_id: int) -> str:
-        """Add one id; return the text that became final (may be empty)."""
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        # a trailing U+FFFD means a multi-byte character is still incomplete
-        if text.endswith('\ufffd') or not text.startswith(self.emitted):
-            return ''
-        new, self.emitted = text[len(self.emitted):], text
-        return new

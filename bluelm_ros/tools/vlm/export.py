@@ -1,6 +1,8 @@
 """Export a BlueLM-V model to an ONNX Runtime bundle (vision graph, decoder graph, embeddings).
 
-The bundle is what :mod:`bluelm_ros.runtime.vlm.engine` runs without torch::
+The bundle is what :mod:`bluelm_ros.runtime.vlm.engine` runs without torch. Its format
+(file names, hashes, the graphs' input/output names, written into the manifest) is owned
+by :mod:`bluelm_ros.runtime.vlm.bundle`; this module writes it::
 
     bundle/
       manifest.json            format version, files (sha256 + bytes), precisions, options
@@ -12,7 +14,8 @@ The bundle is what :mod:`bluelm_ros.runtime.vlm.engine` runs without torch::
       decoder_fp32.onnx(.data) inputs_embeds + KV buffers -> last logits + new KV
       decoder_int4.onnx(.data) same, MatMul weights 4-bit (MatMulNBits)
 
-Decoder I/O (one sequence; ``C`` = KV buffer capacity, ``T`` = new tokens)::
+Decoder I/O (one sequence; ``C`` = KV buffer capacity, ``T`` = new tokens; the names are
+``bundle.DecoderIO``'s)::
 
     inputs_embeds            [1, T, hidden] float32
     position_ids             [1, T] int64
@@ -50,7 +53,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import hashlib
 import io
 import json
 import logging
@@ -68,25 +70,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bluelm_ros.runtime.vlm.config import BlueLMVConfig
+from bluelm_ros.runtime.vlm import bundle
+from bluelm_ros.runtime.vlm.bundle import (DecoderIO, EMBED_NAME, graph_file, MANIFEST_NAME,
+                                           VisionIO)
+from bluelm_ros.runtime.vlm.config import BlueLMVConfig, CONFIG_FILE
+from bluelm_ros.runtime.vlm.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
 from bluelm_ros.tools.vlm.configs import load_config
-from bluelm_ros.tools.vlm.modeling import (BlueLMV, CONFIG_NAME, DecoderLayer, LanguageModel,
-                                           RMSNorm, RotaryEmbedding, apply_rope)
+from bluelm_ros.tools.vlm.modeling import (BlueLMV, DecoderLayer, LanguageModel, RMSNorm,
+                                           RotaryEmbedding, apply_rope)
 
-FORMAT = 'bluelm-v-onnx'
-FORMAT_VERSION = 1
-MANIFEST_NAME = 'manifest.json'
-EMBED_NAME = 'embed_tokens.npy'
 OPSET = 17
 VISION_PRECISIONS = ('fp32', 'int8')
 DECODER_PRECISIONS = ('fp32', 'int4')
 LM_HEAD_PRECISIONS = ('fp32', 'int8', 'int4')
 KV_DTYPES = ('float32', 'float16', 'int8')
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
-                   'added_tokens.json', 'chat_template.jinja', 'chat_template.json',
-                   'generation_config.json')
 _MASK_MIN = torch.finfo(torch.float32).min
-KV_NAMES = ('key', 'value', 'key_scale', 'value_scale')
 # seed offsets of the parts of a random (meta-device) model
 HEAD_SEED, EMBED_SEED, VISION_SEED = 10_000, 20_000, 30_000
 
@@ -386,24 +384,25 @@ def export_vision(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
         if p is not None:
             _materialize(p, opts.seed + VISION_SEED + i)
     s = cfg.vision.image_size
+    io = VisionIO()
     entries = {}
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         fp32 = os.path.join(tmp, 'vision.onnx')
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter('ignore')
             torch.onnx.export(VisionForExport(model).eval(), (torch.randn(2, 3, s, s),), fp32,
-                              input_names=['pixel_values'], output_names=['image_embeds'],
-                              dynamic_axes={'pixel_values': {0: 'tiles'},
-                                            'image_embeds': {0: 'tiles'}},
+                              input_names=[io.pixel_values], output_names=[io.image_embeds],
+                              dynamic_axes={io.pixel_values: {0: 'tiles'},
+                                            io.image_embeds: {0: 'tiles'}},
                               opset_version=OPSET, dynamo=False)
         for p in parts:
             if p is not None:
                 _release(p, was_meta)
-        io_info = {'inputs': {'pixel_values': ['tiles', 3, s, s]},
-                   'outputs': {'image_embeds': ['tiles', cfg.tokens_per_tile,
-                                                cfg.text.hidden_size]}}
+        io_info = {'io': io.to_entry(), 'inputs': {io.pixel_values: ['tiles', 3, s, s]},
+                   'outputs': {io.image_embeds: ['tiles', cfg.tokens_per_tile,
+                                                 cfg.text.hidden_size]}}
         for prec in tqdm(opts.vision, desc='vision', unit='graph'):
-            path = os.path.join(out_dir, f'vision_{prec}.onnx')
+            path = os.path.join(out_dir, graph_file('vision', prec))
             if prec == 'fp32':
                 files = _save_onnx(onnx.load(fp32), path)
             else:
@@ -478,6 +477,7 @@ def export_decoders(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
         graphs[prec] = onnx.helper.make_graph([], f'bluelm_v_decoder_{opts.decoder_key(prec)}',
                                               [], [])
     kv_dtypes = {p: ('float32' if p == 'fp32' else opts.kv_dtype) for p in opts.decoder}
+    ios = {kv: DecoderIO.for_layers(n, kv) for kv in set(kv_dtypes.values())}
     # parts are exported once per KV dtype (the dtype is baked into each layer's I/O)
     by_kv = {}
     for p, kv in kv_dtypes.items():
@@ -485,22 +485,23 @@ def export_decoders(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
 
     for kv, precs in by_kv.items():
         bar = tqdm(total=n + 2, desc=f'decoder ({"/".join(precs)}, kv {kv})', unit='part')
+        io = ios[kv]
         for kind, i, part in _decoder_parts(lm, opts, kv, opts.seed):
+            # the parts' own tensor names -> the stitched graph's (the bundle's names)
             if kind == 'prologue':
-                prefix, io_map = 'prologue/', {'position_ids': 'position_ids',
-                                               'attention_mask': 'attention_mask',
+                prefix, io_map = 'prologue/', {'position_ids': io.position_ids,
+                                               'attention_mask': io.attention_mask,
                                                'cos': 'cos', 'sin': 'sin', 'bias': 'bias'}
             elif kind == 'layer':
                 prefix = f'layers.{i}/'
-                io_map = {'hidden_in': 'inputs_embeds' if i == 0 else f'hidden.{i}',
+                io_map = {'hidden_in': io.inputs_embeds if i == 0 else f'hidden.{i}',
                           'hidden_out': f'hidden.{i + 1}', 'cos': 'cos', 'sin': 'sin',
                           'bias': 'bias'}
-                for name in KV_NAMES:
-                    io_map[f'past_{name}'] = f'past_key_values.{i}.{name}'
-                    io_map[name] = f'present.{i}.{name}'
-
+                for t in io.layer(i):
+                    io_map[f'past_{t.kind}'] = t.past
+                    io_map[t.kind] = t.present
             else:
-                prefix, io_map = 'head/', {'hidden': f'hidden.{n}', 'logits': 'logits'}
+                prefix, io_map = 'head/', {'hidden': f'hidden.{n}', 'logits': io.logits}
             for prec in precs:
                 p = part if prec == precs[-1] else copy.deepcopy(part)
                 if prec == 'int4':
@@ -516,30 +517,26 @@ def export_decoders(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
     entries = {}
     d, hkv, hd, v = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
     for prec, g in graphs.items():
-        kv = kv_dtypes[prec]
+        kv, io = kv_dtypes[prec], ios[kv_dtypes[prec]]
         onnx_kv = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(kv))
         f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
         vi = onnx.helper.make_tensor_value_info
-        g.input.extend([vi('inputs_embeds', f32, [1, 'seq', d]),
-                        vi('position_ids', i64, [1, 'seq']),
-                        vi('attention_mask', i64, [1, 'capacity'])])
-        g.output.append(vi('logits', f32, [1, 1, v]))
-        for i in range(n):
-            for kind in ('key', 'value'):
-                g.input.append(vi(f'past_key_values.{i}.{kind}', onnx_kv,
-                                  [1, hkv, 'capacity', hd]))
-                g.output.append(vi(f'present.{i}.{kind}', onnx_kv, [1, hkv, 'seq', hd]))
-            if kv == 'int8':
-                for kind in ('key_scale', 'value_scale'):
-                    g.input.append(vi(f'past_key_values.{i}.{kind}', f32, [1, hkv, 'capacity', 1]))
-                    g.output.append(vi(f'present.{i}.{kind}', f32, [1, hkv, 'seq', 1]))
+        g.input.extend([vi(io.inputs_embeds, f32, [1, 'seq', d]),
+                        vi(io.position_ids, i64, [1, 'seq']),
+                        vi(io.attention_mask, i64, [1, 'capacity'])])
+        g.output.append(vi(io.logits, f32, [1, 1, v]))
+        for t in io.cache:  # key/value in the KV dtype, int8 scales in float32
+            scale = t.kind.endswith('_scale')
+            dtype, last = (f32, 1) if scale else (onnx_kv, hd)
+            g.input.append(vi(t.past, dtype, [1, hkv, 'capacity', last]))
+            g.output.append(vi(t.present, dtype, [1, hkv, 'seq', last]))
         opsets = [onnx.helper.make_opsetid('', OPSET)]
         if prec == 'int4':
             opsets.append(onnx.helper.make_opsetid('com.microsoft', 1))
         m = onnx.helper.make_model(g, opset_imports=opsets, producer_name='bluelm_ros')
         m.ir_version = 8  # ORT rejects the newest IR versions onnx writes by default
         key = opts.decoder_key(prec)
-        path = os.path.join(out_dir, f'decoder_{key}.onnx')
+        path = os.path.join(out_dir, graph_file('decoder', key))
         files = _save_onnx(m, path)
         del m
         quant = None if prec == 'fp32' else {
@@ -549,7 +546,7 @@ def export_decoders(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
         entries[key] = {'files': files, 'precision': prec, 'quantization': quant,
                         'kv_dtype': kv, 'kv_layout': 'buffer[1, kv_heads, capacity, head_dim]'
                         + (' + scale[1, kv_heads, capacity, 1]' if kv == 'int8' else ''),
-                        'num_layers': n, 'logits': 'last'}
+                        'num_layers': n, 'logits': 'last', 'io': io.to_entry()}
     return entries
 
 
@@ -590,38 +587,20 @@ def write_byte_tokenizer(path: str, config: BlueLMVConfig) -> None:
     tok.save(path)
 
 
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(out_dir: str, config: BlueLMVConfig, components: dict,
                    opts: ExportOptions, extra: Optional[dict] = None) -> dict:
-    """Hash every bundle file and write ``manifest.json``."""
+    """Hash every bundle file and write ``manifest.json`` (the format is bundle.py's)."""
     import onnxruntime
-    files = {}
-    names = sorted(f for f in os.listdir(out_dir)
-                   if f != MANIFEST_NAME and os.path.isfile(os.path.join(out_dir, f)))
-    for name in tqdm(names, desc='sha256', unit='file'):
-        path = os.path.join(out_dir, name)
-        files[name] = {'sha256': sha256_file(path), 'bytes': os.path.getsize(path)}
-    manifest = {
-        'format': FORMAT, 'format_version': FORMAT_VERSION,
+    fields = {
         'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         'model': config.name,
         'tokens_per_tile': config.tokens_per_tile,
         'export_options': asdict(opts),
         'versions': {'torch': torch.__version__, 'onnx': onnx.__version__,
                      'onnxruntime': onnxruntime.__version__},
-        'components': components, 'files': files, **(extra or {})}
-    with open(os.path.join(out_dir, MANIFEST_NAME), 'w', encoding='utf-8') as f:
-        json.dump(manifest, f, indent=2)
-        f.write('\n')
-    return manifest
+        'components': components, **(extra or {})}
+    return bundle.write_manifest(out_dir, fields,
+                                 progress=lambda names: tqdm(names, desc='sha256', unit='file'))
 
 
 def export_bundle(model: BlueLMV, out_dir: str, opts: Optional[ExportOptions] = None,
@@ -650,11 +629,11 @@ def export_bundle(model: BlueLMV, out_dir: str, opts: Optional[ExportOptions] = 
         os.remove(mpath)
     model.eval()
     config = model.config
-    config.to_json(os.path.join(out_dir, CONFIG_NAME))
+    config.to_json(os.path.join(out_dir, CONFIG_FILE))
     components = old.get('components', {})
     if 'tokenizer' not in components:
         if tokenizer_dir:
-            src = os.path.join(tokenizer_dir, 'tokenizer.json')
+            src = os.path.join(tokenizer_dir, TOKENIZER_FILE)
             if not os.path.exists(src):
                 raise FileNotFoundError(f'{src}: tokenizer file not found')
             for name in TOKENIZER_FILES:
@@ -662,9 +641,9 @@ def export_bundle(model: BlueLMV, out_dir: str, opts: Optional[ExportOptions] = 
                     shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
             tokenizer = 'copied'
         else:
-            write_byte_tokenizer(os.path.join(out_dir, 'tokenizer.json'), config)
+            write_byte_tokenizer(os.path.join(out_dir, TOKENIZER_FILE), config)
             tokenizer = 'placeholder-bytes'
-        components['tokenizer'] = {'files': ['tokenizer.json'], 'kind': tokenizer}
+        components['tokenizer'] = {'files': [TOKENIZER_FILE], 'kind': tokenizer}
     if 'embeddings' not in components:
         components['embeddings'] = export_embeddings(model, out_dir, opts)
     if opts.vision:
@@ -717,7 +696,7 @@ def main(argv=None) -> int:
     else:
         model = BlueLMV.from_pretrained(a.source)
         tok_dir = a.tokenizer_dir or a.source
-        if not os.path.exists(os.path.join(tok_dir, 'tokenizer.json')):
+        if not os.path.exists(os.path.join(tok_dir, TOKENIZER_FILE)):
             print(f'{tok_dir}: no tokenizer.json; writing a placeholder byte tokenizer',
                   file=sys.stderr)
             tok_dir = None

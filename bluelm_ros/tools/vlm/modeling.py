@@ -26,10 +26,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from bluelm_ros.runtime.vlm.config import BlueLMVConfig, TextConfig, VisionConfig
+from bluelm_ros.runtime.vlm.config import BlueLMVConfig, CONFIG_FILE, TextConfig, VisionConfig
 
 WEIGHTS_NAME = 'model.safetensors'
-CONFIG_NAME = 'config.json'
 
 KV = tuple  # (key, value), each [batch, kv_heads, seq, head_dim]
 
@@ -561,7 +560,7 @@ class BlueLMV(nn.Module):
         """Write ``config.json`` + ``model.safetensors``."""
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
-        self.config.to_json(os.path.join(out_dir, CONFIG_NAME))
+        self.config.to_json(os.path.join(out_dir, CONFIG_FILE))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, os.path.join(out_dir, WEIGHTS_NAME), metadata={'format': 'pt'})
 
@@ -570,7 +569,7 @@ class BlueLMV(nn.Module):
                         device: str = 'cpu') -> 'BlueLMV':
         """Load a directory written by :meth:`save_pretrained` or ``convert.py``."""
         from safetensors.torch import load_file
-        config = BlueLMVConfig.from_json(os.path.join(model_dir, CONFIG_NAME))
+        config = BlueLMVConfig.from_json(os.path.join(model_dir, CONFIG_FILE))
         path = os.path.join(model_dir, WEIGHTS_NAME)
         if not os.path.exists(path):
             raise FileNotFoundError(f'{path}: weights file not found')
@@ -592,36 +591,6 @@ def load_checked(model: nn.Module, state: dict, source: str) -> None:
             raise ValueError(f'{source}: {k!r} has shape {tuple(v.shape)}, model expects '
                              f'{tuple(own[k].shape)}')
     model.load_state_dict(state, strict=True)
-
-
-class DecoderForExport(nn.Module):
-    """ONNX-friendly decoder: flat KV tensors in and out.
-
-    ``forward(inputs_embeds [B,T,D], position_ids [B,T], attention_mask [B,P+T] (int64,
-    1 = keep), past_0_key, past_0_value, ...)`` -> ``(logits, present_0_key, ...)``.
-    Use past tensors with ``P = 0`` for the first (prefill) call.
-    """
-
-    def __init__(self, language_model: LanguageModel, last_logits_only: bool = False):
-        super().__init__()
-        self.lm = language_model
-        self.last_logits_only = last_logits_only
-
-    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-        """Run one step."""
-        pkv = tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2))
-        logits, presents = self.lm(inputs_embeds, position_ids, attention_mask, pkv,
-                                   self.last_logits_only)
-        flat = [t for kv in presents for t in kv]
-        return (logits, *flat)
-
-    def io_names(self) -> tuple:
-        """``(input_names, output_names)`` for ``torch.onnx.export``."""
-        n = len(self.lm.layers)
-        past = [f'past_key_values.{i}.{kv}' for i in range(n) for kv in ('key', 'value')]
-        present = [f'present.{i}.{kv}' for i in range(n) for kv in ('key', 'value')]
-        return (['inputs_embeds', 'position_ids', 'attention_mask'] + past,
-                ['logits'] + present)
 
 
 def describe(model: BlueLMV) -> str:
