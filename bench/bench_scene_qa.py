@@ -117,10 +117,11 @@ class Bench:
             ok = wait_until(lambda: node.encoded_header is not None
                             and node.encoded_header.stamp.sec == self.stamp)
         else:
-            ok = wait_until(lambda: node._last_frame_header is not None
-                            and node._last_frame_header.stamp.sec == self.stamp)
+            ok = wait_until(lambda: node.last_frame_header is not None
+                            and node.last_frame_header.stamp.sec == self.stamp)
         assert ok, f'frame {self.stamp} not received/encoded'
-        assert wait_until(lambda: node.queue_depth == 0 and node._current is None)
+        assert wait_until(lambda: node.service.status().queue_depth == 0
+                          and not node.service.status().running)
         first = []
 
         def on_feedback(fb):

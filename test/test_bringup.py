@@ -350,7 +350,7 @@ def test_bringup_with_the_shipped_config_segments_and_answers(spin, tiny_vlm_bun
         assert res.success, (res.error_code, res.error_message)
         assert res.answer and res.image_header.frame_id == 'camera'
         assert res.image_header.stamp.sec > 0
-        assert wait_until(lambda: 'The segmentation sees: ' in qa._scene_context, WAIT), \
+        assert wait_until(lambda: 'The segmentation sees: ' in qa.scene_context, WAIT), \
             'no class_stats arrived on the remapped scene_context topic'
         assert qa.executor_threads == shipped['scene_qa_node']['queue_size'] + 4
     finally:

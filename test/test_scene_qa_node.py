@@ -5,6 +5,8 @@ configs/tiny-test.json (conftest.tiny_vlm_bundle): the answers are gibberish, bu
 image transport, tiling, encoding, prefill, decoding, queueing, cancellation and errors
 are all real. To hold requests in flight for long enough (cancel, 20 concurrent
 clients, deactivate), some tests slow the engine down per generated token (SlowEngine).
+Queueing, deadlines, eager encoding and frame choice are tested without ROS on the
+service itself (test_scene_qa_service.py); here the node's interfaces around it.
 
 The last tests need the trained model that ships at bluelm_ros/models/vlm/scene-tiny/:
 they check that the node gives the *right* answer about a published synthetic frame via
@@ -41,6 +43,7 @@ from bluelm_ros.ros.scene_qa_node import SceneQANode  # noqa: E402
 from bluelm_ros.runtime.shipped_models import VLM_BUNDLE  # noqa: E402
 from bluelm_ros.data.synthetic import render_scene  # noqa: E402
 
+from engine_helpers import SlowEngine  # noqa: E402
 from ros_helpers import Inbox, wait_until  # noqa: E402
 
 WAIT = 30.0  # seconds to wait for anything that should happen
@@ -53,22 +56,6 @@ SRV = interfaces.load('srv')
 ACTION = interfaces.load('action')
 SHIPPED_MISSING = ('the shipped VLM bundle bluelm_ros/models/vlm/scene-tiny/ is not installed '
                    'yet (it lands with the trained model; re-run scripts/setup.sh then)')
-
-
-class SlowEngine:
-    """The node's real engine, slowed down by `delay` seconds per generated token."""
-
-    def __init__(self, engine, delay):
-        self._engine, self.delay = engine, delay
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def generate(self, *args, on_token=None, **kwargs):
-        def slow(delta, token_id):
-            time.sleep(self.delay)
-            return None if on_token is None else on_token(delta, token_id)
-        return self._engine.generate(*args, on_token=slow, **kwargs)
 
 
 def stamp_of(header):
@@ -84,27 +71,47 @@ def options(**kw):
 
 
 class Rig:
-    """A SceneQANode in namespace /<ns> and a probe node (its own executor) talking to it."""
+    """A SceneQANode in namespace /<ns> and a probe node (its own executor) talking to it.
 
-    def __init__(self, node, probe):
+    Every entity of the probe is created here, before any executor spins the probe: rclpy
+    registers an ActionClient with its node before the client is fully built, so creating
+    one while an executor spins that node can fail ('ActionClient' object has no attribute
+    '_lock'). Tests that need more clients ask for them here (``clients``,
+    ``action_clients``).
+    """
+
+    def __init__(self, node, probe, clients=1, action_clients=1):
         self.node, self.probe = node, probe
         self.name = node.get_name()
-        self.client = probe.create_client(SRV.AskScene, f'{self.name}/ask')
-        self.action_client = self.make_action_client()
+        self.clients = [probe.create_client(SRV.AskScene, f'{self.name}/ask')
+                        for _ in range(clients)]
+        self.action_clients = [self.make_action_client() for _ in range(action_clients)]
+        self.client, self.action_client = self.clients[0], self.action_clients[0]
         self.answers = Inbox()
         probe.create_subscription(MSG.SceneAnswer, f'{self.name}/answer', self.answers,
                                   ANSWERS_QOS)
+        self.diagnostics = Inbox()
+        probe.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics, 10)
         self.question_pub = probe.create_publisher(String, f'{self.name}/question', RELIABLE)
         self.image_pub = probe.create_publisher(Image, 'image', RELIABLE)
-        assert self.client.wait_for_service(timeout_sec=WAIT)
-        assert self.action_client.wait_for_server(timeout_sec=WAIT)
-        assert wait_until(lambda: self.node._answer_pub.get_subscription_count() > 0)
-        assert wait_until(lambda: self.question_pub.get_subscription_count() > 0)
+        self.compressed_pub = probe.create_publisher(CompressedImage, 'image/compressed',
+                                                     RELIABLE)
+        self.context_pub = probe.create_publisher(MSG.ClassStats, 'scene_context', RELIABLE)
 
     def make_action_client(self, node=None):
         # streaming clients want every delta: a deep feedback history (as the server's)
         return ActionClient(node or self.probe, ACTION.AskScene, f'{self.name}/ask_stream',
                             feedback_sub_qos_profile=QoSProfile(depth=1000))
+
+    def wait_connected(self):
+        assert all(c.wait_for_service(timeout_sec=WAIT) for c in self.clients)
+        assert all(c.wait_for_server(timeout_sec=WAIT) for c in self.action_clients)
+        assert wait_until(lambda: self.node._answer_pub.get_subscription_count() > 0)
+        assert wait_until(lambda: self.question_pub.get_subscription_count() > 0)
+
+    @property
+    def service(self):
+        return self.node.service
 
     def publish_frame(self, rgb, sec, frame_id='camera', encoding='rgb8', wait_encoded=None):
         """Publish until the node has it (best effort may drop one); optionally wait until
@@ -115,12 +122,13 @@ class Rig:
         msg.header.stamp.sec, msg.header.frame_id = sec, frame_id
         for _ in range(3):
             self.image_pub.publish(msg)
-            if wait_until(lambda: (self.node._last_frame_header is not None and stamp_of(
-                    self.node._last_frame_header) == (sec, 0)), timeout=WAIT / 3):
+            if wait_until(lambda: (self.node.last_frame_header is not None and stamp_of(
+                    self.node.last_frame_header) == (sec, 0)), timeout=WAIT / 3):
                 break
         else:
             raise AssertionError(f'the node never received frame {sec}')
-        if wait_encoded if wait_encoded is not None else self.node._param('eager_encoding'):
+        eager = self.node.get_parameter('eager_encoding').value
+        if wait_encoded if wait_encoded is not None else eager:
             assert wait_until(lambda: self.node.encoded_header is not None and stamp_of(
                 self.node.encoded_header) == (sec, 0)), f'frame {sec} never encoded'
         return msg.header
@@ -161,7 +169,10 @@ class Rig:
         return res.status, res.result
 
     def slow(self, delay):
-        self.node.engine = SlowEngine(self.node.engine, delay)
+        self.service.engine = SlowEngine(self.service.engine, delay)
+
+    def fast(self):
+        self.service.engine = self.service.engine._engine
 
 
 @pytest.fixture
@@ -169,16 +180,18 @@ def rig(spin, tiny_vlm_bundle):
     """Factory: rig(ns, **params) -> Rig with the node active (autostart) and spinning."""
     made = []
 
-    def make(ns, bundle=None, **params):
+    def make(ns, bundle=None, clients=1, action_clients=1, **params):
         params.setdefault('bundle_path', bundle or tiny_vlm_bundle)
         params.setdefault('threads', 1)
         overrides = [Parameter(k, value=v) for k, v in params.items()]
         node = SceneQANode('scene_qa', namespace=f'/{ns}', parameter_overrides=overrides)
         probe = rclpy.create_node('scene_qa_probe', namespace=f'/{ns}')
+        rig = Rig(node, probe, clients, action_clients)  # every entity before spinning
         made.append((node, probe, spin(node, num_threads=node.executor_threads),
                      spin(probe)))
         assert common.lifecycle_state(node) == 'active', node.configure_error
-        return Rig(node, probe)
+        rig.wait_connected()
+        return rig
 
     yield make
     for node, probe, node_spin, probe_spin in made:
@@ -209,7 +222,7 @@ def test_service_answers_about_the_latest_frame_and_echoes_its_stamp(rig):
     r.publish_frame(frame(2), 102, encoding='bgr8')
     res = r.ask('And now?')
     assert res.success and stamp_of(res.image_header) == (102, 0)
-    assert r.node.counters['eager_encodings'] >= 2
+    assert r.service.counters['eager_encodings'] >= 2
 
 
 def test_without_eager_encoding_the_newest_frame_is_encoded_on_demand(rig):
@@ -225,7 +238,7 @@ def test_without_eager_encoding_the_newest_frame_is_encoded_on_demand(rig):
     # Asked again about the same frame: the encoding is cached now.
     res = r.ask('Is there a bus?')
     assert res.success and stamp_of(res.image_header) == (202, 0) and res.timings.image_cached
-    assert r.node.counters['eager_encodings'] == 0
+    assert r.service.counters['eager_encodings'] == 0
 
 
 def test_request_image_overrides_the_latest_frame(rig):
@@ -240,9 +253,6 @@ def test_request_image_overrides_the_latest_frame(rig):
     assert not res.timings.image_cached
     res = r.ask('What is this, again?', image=img)  # same pixels: the encoding is reused
     assert res.success and res.timings.image_cached
-    # Idle again, the node prefills the camera frame's prefix again for the next question.
-    assert wait_until(lambda: r.node._prepared is not None
-                      and r.node._prepared[0] == r.node._encoded[2])
     jpeg = image_codec.encode_compressed(frame(7), 'jpeg')
     jpeg.header.stamp.sec = 778
     res = r.ask('And this one?', compressed=jpeg)
@@ -288,7 +298,7 @@ def test_action_cancel_mid_generation_returns_the_partial_answer(rig):
     assert res.answer and 3 <= res.timings.generated_tokens < 400
     assert stamp_of(res.image_header) == (501, 0)
     # The node goes on answering.
-    r.node.engine = r.node.engine._engine
+    r.fast()
     assert r.ask('Still there?').success
 
 
@@ -299,16 +309,16 @@ def test_cancel_of_a_queued_goal_is_immediate_and_cancel_after_completion_is_ref
     running, running_fb = r.send_goal('Long answer.', options(max_new_tokens=400))
     assert wait_until(lambda: any(f.stage == 'decoding' for f in running_fb))
     queued, queued_fb = r.send_goal('Waiting in line.')
-    assert wait_until(lambda: r.node.queue_depth == 1 and len(queued_fb) > 0)
+    assert wait_until(lambda: r.service.status().queue_depth == 1 and len(queued_fb) > 0)
     assert queued_fb[0].stage == 'queued' and queued_fb[0].queue_position == 0
     assert wait_until(queued.cancel_goal_async().done)
     status, res = r.result(queued, timeout=WAIT)
     assert status == GoalStatus.STATUS_CANCELED and res.error_code == 'cancelled'
     assert res.answer == '' and 'before it started' in res.error_message
-    assert r.node._current is not None  # the first one is still being answered
+    assert r.service.status().running  # the first one is still being answered
     assert wait_until(running.cancel_goal_async().done)
     assert r.result(running)[1].error_code == 'cancelled'
-    r.node.engine = r.node.engine._engine
+    r.fast()
     # Cancelling a goal that already finished: refused by the action server, no harm done.
     done, _ = r.send_goal('Short one.', options(max_new_tokens=4))
     status, res = r.result(done)
@@ -345,7 +355,7 @@ def test_no_frame_yet_and_no_image_is_refused_with_no_image(rig):
     bad = Image(height=10, width=10, encoding='rgb8', step=30, data=b'\0' * 100)
     bad.header.stamp.sec = 5
     r.image_pub.publish(bad)
-    assert wait_until(lambda: r.node.counters['bad_frames.truncated'] >= 1)
+    assert wait_until(lambda: r.service.counters['bad_frames.truncated'] >= 1)
     res = r.ask('What do you see now?')
     assert res.error_code == 'no_image' and 'no usable camera frame' in res.error_message
     # A good frame fixes it.
@@ -405,18 +415,15 @@ def test_bad_requests_get_clear_errors_and_the_node_stays_up(rig):
                                   seed=1))
     assert res.success and res.timings.generated_tokens <= 3
     assert r.ask('Still fine?').success
-    assert common.lifecycle_state(r.node) == 'active' and r.node._worker.is_alive()
+    assert common.lifecycle_state(r.node) == 'active' and r.service.status().worker_error is None
 
 
 def test_twenty_concurrent_clients_all_get_an_answer_or_a_clear_error(rig):
-    r = rig('crowd', queue_size=3, request_timeout=1.5)
+    r = rig('crowd', clients=12, action_clients=5, queue_size=3, request_timeout=1.5)
     r.publish_frame(frame(15), 901)
     r.slow(0.02)
     opts = options(max_new_tokens=15)
-    services = [r.probe.create_client(SRV.AskScene, f'{r.name}/ask') for _ in range(12)]
-    actions = [r.make_action_client() for _ in range(5)]
-    assert all(c.wait_for_service(timeout_sec=WAIT) for c in services)
-    assert all(a.wait_for_server(timeout_sec=WAIT) for a in actions)
+    services, actions = r.clients, r.action_clients
     # All at once: 12 service calls, 5 goals, 3 topic questions.
     futures = {f'service {i}': r.ask_async(f'service {i}', opts=opts, client=c)
                for i, c in enumerate(services)}
@@ -427,8 +434,8 @@ def test_twenty_concurrent_clients_all_get_an_answer_or_a_clear_error(rig):
     outcomes = {}
     for q, fut in futures.items():
         assert wait_until(fut.done, timeout=WAIT * 2), (
-            f'{q}: no response; node counters {dict(r.node.counters)}, queue '
-            f'{r.node.queue_depth}, answers {[m.question for m in r.answers.msgs]}, '
+            f'{q}: no response; counters {dict(r.service.counters)}, '
+            f'{r.service.status()}, answers {[m.question for m in r.answers.msgs]}, '
             f'{[f.done() for f in futures.values()]}')
         res = fut.result()
         outcomes[q] = 'ok' if res.success else res.error_code
@@ -452,11 +459,12 @@ def test_twenty_concurrent_clients_all_get_an_answer_or_a_clear_error(rig):
         assert len(published) == 1, (q, published)
         assert ('ok' if published[0].success else published[0].error_code) == outcome
     # The node is still up, with nothing left behind.
-    assert wait_until(lambda: r.node.queue_depth == 0 and r.node._current is None)
+    assert wait_until(lambda: r.service.status().queue_depth == 0
+                      and not r.service.status().running)
     state = r.probe.create_client(GetState, f'{r.name}/get_state').call_async(
         GetState.Request())
     assert wait_until(state.done) and state.result().current_state.label == 'active'
-    r.node.engine = r.node.engine._engine
+    r.fast()
     assert r.ask('After the crowd?').success
 
 
@@ -466,12 +474,12 @@ def test_clients_that_disappear_mid_request_do_not_hurt_the_node(rig, spin):
     r.slow(0.03)
     other = rclpy.create_node('vanishing_client', namespace='/vanish')
     try:
+        client = r.make_action_client(other)  # entities first, then spin (see Rig)
+        srv_client = other.create_client(SRV.AskScene, f'{r.name}/ask')
         spinner = spin(other)
-        client = r.make_action_client(other)
         assert client.wait_for_server(timeout_sec=WAIT)
         handle, feedback = r.send_goal('Streaming to nobody.', options(max_new_tokens=60),
                                        client=client)
-        srv_client = other.create_client(SRV.AskScene, f'{r.name}/ask')
         assert srv_client.wait_for_service(timeout_sec=WAIT)
         r.ask_async('Service caller leaving.', opts=options(max_new_tokens=5),
                     client=srv_client)
@@ -483,7 +491,7 @@ def test_clients_that_disappear_mid_request_do_not_hurt_the_node(rig, spin):
     for q in ('Streaming to nobody.', 'Service caller leaving.'):
         got = r.answers.wait_for(lambda m: m.question == q, timeout=WAIT * 2)
         assert got is not None and got.success, q
-    r.node.engine = r.node.engine._engine
+    r.fast()
     assert r.ask('Anyone left?').success
 
 
@@ -492,7 +500,8 @@ def test_deactivate_answers_pending_requests_and_activate_serves_again(rig):
     r.publish_frame(frame(17), 1101)
     r.slow(0.05)
     futures = [r.ask_async(f'pending {i}', opts=options(max_new_tokens=300)) for i in range(3)]
-    assert wait_until(lambda: r.node._current is not None and r.node.queue_depth == 2)
+    assert wait_until(lambda: r.service.status().running
+                      and r.service.status().queue_depth == 2)
     r.node.trigger_deactivate()
     assert common.lifecycle_state(r.node) == 'inactive'
     for fut in futures:
@@ -501,7 +510,7 @@ def test_deactivate_answers_pending_requests_and_activate_serves_again(rig):
         assert not res.success and res.error_code == 'not_ready', res
     res = r.ask('Inactive?')
     assert res.error_code == 'not_ready' and 'inactive' in res.error_message
-    r.node.engine = r.node.engine._engine
+    r.fast()
     r.node.trigger_activate()
     assert common.lifecycle_state(r.node) == 'active'
     r.publish_frame(frame(17), 1102)
@@ -531,7 +540,7 @@ def test_parameters_live_and_by_lifecycle_state(rig, tiny_vlm_bundle):
     assert not set_one('input_type', 'h264').successful
     node.trigger_activate()
     assert node.input_topic == '/params/image/compressed'
-    pub = r.probe.create_publisher(CompressedImage, 'image/compressed', RELIABLE)
+    pub = r.compressed_pub
     assert wait_until(lambda: pub.get_subscription_count() > 0)
     jpeg = image_codec.encode_compressed(frame(19), 'jpeg')
     jpeg.header.stamp.sec = 1202
@@ -544,20 +553,20 @@ def test_parameters_live_and_by_lifecycle_state(rig, tiny_vlm_bundle):
 
 def test_scene_context_from_the_segmentation_goes_into_the_prompt(rig):
     r = rig('context', use_scene_context=True)
-    pub = r.probe.create_publisher(MSG.ClassStats, 'scene_context', RELIABLE)
+    pub = r.context_pub
     assert wait_until(lambda: pub.get_subscription_count() > 0)
     r.publish_frame(frame(20), 1301)
     before = r.ask('What is there?')
     pub.publish(MSG.ClassStats(class_ids=[0, 13, 11], class_names=['road', 'car', 'person'],
                                pixel_share=[0.41, 0.12, 0.005]))
-    assert wait_until(lambda: 'road 41%' in r.node._scene_context)
-    assert r.node._scene_context == 'The segmentation sees: road 41%, car 12%.'
+    assert wait_until(lambda: 'road 41%' in r.node.scene_context)
+    assert r.node.scene_context == 'The segmentation sees: road 41%, car 12%.'
     # The frame encoded before the context keeps its prompt (its prefilled prefix stays
     # valid); the next frame is prepared with the context in the system prompt.
     same = r.ask('What is there?')
     assert same.success and same.timings.prompt_tokens == before.timings.prompt_tokens
     r.publish_frame(frame(20), 1302)
-    assert 'road 41%' in r.node._encoded_system
+    assert 'road 41%' in r.service.status().encoded.system
     after = r.ask('What is there?')
     assert after.success and stamp_of(after.image_header) == (1302, 0)
     assert after.timings.prompt_tokens > before.timings.prompt_tokens
@@ -565,8 +574,7 @@ def test_scene_context_from_the_segmentation_goes_into_the_prompt(rig):
 
 def test_diagnostics(rig):
     r = rig('diag')
-    inbox = Inbox()
-    r.probe.create_subscription(DiagnosticArray, '/diagnostics', inbox, 10)
+    inbox = r.diagnostics
     r.publish_frame(frame(21), 1401)
     assert r.ask('Diagnose?').success
     mine = f'{r.name}: scene_qa'
