@@ -1,25 +1,20 @@
-"""Launch only the segmentation_node on a camera.
+"""Only the segmentation_node: bluelm_ros.launch.py with `use_scene_qa:=false`.
 
     ros2 launch bluelm_ros segmentation.launch.py camera_topic:=/camera/image_raw
+
+It takes every argument of bluelm_ros.launch.py (params_file, camera_topic, namespace,
+use_camera_source, fastdds_profile, ...) and sets its Fast DDS profile the same way.
 """
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
+from launch.actions import IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
 
 
 def generate_launch_description():
-    share = get_package_share_directory('bluelm_ros')
-    return LaunchDescription([
-        DeclareLaunchArgument('params_file',
-                              default_value=os.path.join(share, 'config', 'bluelm_ros.yaml')),
-        DeclareLaunchArgument('camera_topic', default_value='/camera/image_raw'),
-        DeclareLaunchArgument('namespace', default_value=''),
-        Node(package='bluelm_ros', executable='segmentation_node', name='segmentation_node',
-             namespace=LaunchConfiguration('namespace'),
-             parameters=[LaunchConfiguration('params_file')],
-             remappings=[('image', LaunchConfiguration('camera_topic'))]),
-    ])
+    main = os.path.join(get_package_share_directory('bluelm_ros'), 'launch',
+                        'bluelm_ros.launch.py')
+    return LaunchDescription([IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(main), launch_arguments={'use_scene_qa': 'false'}.items())])

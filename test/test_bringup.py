@@ -74,6 +74,7 @@ LAUNCH_API = {
                        'IncludeLaunchDescription', 'LogInfo', 'OpaqueFunction',
                        'ExecuteProcess', 'TimerAction', 'SetLaunchConfiguration'},
     'launch.conditions': {'IfCondition', 'UnlessCondition', 'LaunchConfigurationEquals'},
+    'launch.launch_description_sources': {'PythonLaunchDescriptionSource'},
     'launch.substitutions': {'LaunchConfiguration', 'PathJoinSubstitution',
                              'PythonExpression', 'TextSubstitution', 'EnvironmentVariable'},
     'launch_ros.actions': {'Node', 'PushRosNamespace', 'SetRemap', 'SetParameter'},
@@ -89,6 +90,7 @@ KEYWORDS = {
     'DeclareLaunchArgument': {'default_value', 'description', 'choices'},
     'SetEnvironmentVariable': {'name', 'value', 'condition'},
     'IfCondition': {'predicate_expression'},
+    'IncludeLaunchDescription': {'launch_description_source', 'launch_arguments', 'condition'},
     'LaunchConfiguration': {'variable_name', 'default'},
 }
 
@@ -115,7 +117,7 @@ def parse_launch(path):
     tree = ast.parse(source, filename=path)
     compile(source, path, 'exec')
     info = {'imports': [], 'calls': [], 'nodes': [], 'declared': set(), 'read': set(),
-            'config_files': [], 'functions': set()}
+            'config_files': [], 'functions': set(), 'includes': []}
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef):
             info['functions'].add(node.name)
@@ -142,6 +144,12 @@ def parse_launch(path):
                 info['read'].add(_literal(node.args[0]))
             elif name == 'join' and len(node.args) == 3 and _literal(node.args[1]) == 'config':
                 info['config_files'].append(_literal(node.args[2]))
+            elif name == 'join' and len(node.args) == 3 and _literal(node.args[1]) == 'launch':
+                info['includes'].append(_literal(node.args[2]))
+            elif name == 'IncludeLaunchDescription' and 'launch_arguments' in kwargs:
+                args = kwargs['launch_arguments']  # {'name': 'value'}.items()
+                keys = getattr(getattr(args, 'func', None), 'value', None)
+                info['include_arguments'] = {_literal(k) for k in getattr(keys, 'keys', [])}
     return info
 
 
@@ -176,6 +184,13 @@ def test_launch_file_is_consistent_with_the_package(name):
     prefix = get_package_prefix('bluelm_ros')
     share = get_package_share_directory('bluelm_ros')
     assert os.path.exists(os.path.join(share, 'launch', name)), 'launch file not installed'
+    if info['includes']:  # a single-node file: the main file with the other node off
+        assert not info['nodes'], f'{name} includes the main file and starts nodes itself'
+        assert info['includes'] == ['bluelm_ros.launch.py'], info['includes']
+        assert os.path.isfile(os.path.join(share, 'launch', 'bluelm_ros.launch.py'))
+        main = parse_launch(os.path.join(LAUNCH_DIR, 'bluelm_ros.launch.py'))
+        assert info['include_arguments'] and info['include_arguments'] <= main['declared']
+        return
     assert info['nodes'], f'{name} starts no node'
     for n in info['nodes']:
         assert n['package'] == 'bluelm_ros'
@@ -192,6 +207,17 @@ def test_launch_file_is_consistent_with_the_package(name):
         assert os.path.isfile(os.path.join(CONFIG_DIR, f)), f
         assert os.path.isfile(os.path.join(share, 'config', f)), f'{f} not installed'
     assert 'bluelm_ros.yaml' in info['config_files']
+
+
+def test_single_node_launch_files_are_the_main_one_with_the_other_node_off():
+    # So they take all of its arguments: Fast DDS profile, camera source, namespace.
+    for name, off in (('segmentation.launch.py', {'use_scene_qa'}),
+                      ('scene_qa.launch.py', {'use_segmentation'})):
+        info = parse_launch(os.path.join(LAUNCH_DIR, name))
+        assert info['includes'] == ['bluelm_ros.launch.py'] and not info['nodes'], name
+        assert info['include_arguments'] == off, name
+    main = parse_launch(os.path.join(LAUNCH_DIR, 'bluelm_ros.launch.py'))
+    assert {'fastdds_profile', 'use_camera_source'} <= main['declared']
 
 
 def test_the_bringup_launch_file_and_the_bringup_cli_start_the_same_node_set():

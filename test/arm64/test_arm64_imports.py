@@ -1,15 +1,19 @@
-"""The runtime imports only aarch64 code: no torch, no ROS, no x86 binary anywhere."""
+"""The runtime imports only aarch64 code: no torch, no ROS, no x86 binary anywhere.
+
+Every module under bluelm_ros/runtime/ (the robot side of the layout; the static import
+rules are test/test_import_rules.py) is imported here, in a root that has neither torch
+nor ROS installed.
+"""
 import ctypes
 import importlib
 import importlib.util
 import os
+import pkgutil
 import platform
 import sys
 
 # Packages the runtime must never pull in (training/export side, or ROS).
 FORBIDDEN = ('torch', 'torchvision', 'transformers', 'onnx', 'onnxruntime_genai', 'rclpy')
-RUNTIME_MODULES = ('bluelm_ros.runtime.ort_session', 'bluelm_ros.ros.image_codec',
-                   'bluelm_ros.runtime.segmenter', 'bluelm_ros.runtime.vlm.engine')
 EM_AARCH64, EM_X86_64, EM_386 = 183, 62, 3
 # Linux arm64 HWCAP / HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h).
 HWCAP = {'asimd': 1, 'atomics': 8, 'asimdhp': 10, 'asimddp': 20, 'sve': 22}
@@ -56,12 +60,16 @@ def test_runtime_imports_only_aarch64_code(report):
     for name in FORBIDDEN:
         # Not even installed in the arm64 root: importing one would fail the import below.
         assert importlib.util.find_spec(name) is None, f'{name} is installed in the root'
-    for name in RUNTIME_MODULES:
-        if name == 'bluelm_ros.runtime.vlm.engine' and importlib.util.find_spec(name) is None:
-            continue
+    runtime = importlib.import_module('bluelm_ros.runtime')
+    modules = [m.name for m in pkgutil.walk_packages(runtime.__path__, 'bluelm_ros.runtime.')]
+    assert 'bluelm_ros.runtime.vlm.engine' in modules, modules
+    for name in modules:
         importlib.import_module(name)
     loaded = sorted({m.split('.')[0] for m in sys.modules} & set(FORBIDDEN))
     assert not loaded, f'runtime imported {loaded}'
+    others = sorted(m for m in sys.modules
+                    if m.startswith('bluelm_ros.') and not m.startswith('bluelm_ros.runtime'))
+    assert not others, f'runtime imported other parts of bluelm_ros: {others}'
 
     import onnxruntime as ort
     assert 'CPUExecutionProvider' in ort.get_available_providers()
@@ -84,5 +92,6 @@ def test_runtime_imports_only_aarch64_code(report):
         'cpu_features': ' '.join(cpu_features()),
         'aarch64_shared_objects_checked': len(native),
         'onnxruntime_libs': ' '.join(ort_libs),
+        'runtime_modules_imported': len(modules),
         'forbidden_modules_loaded': loaded,
     }
