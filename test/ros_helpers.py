@@ -1,4 +1,8 @@
-"""Waiting helpers shared by the ROS tests (imported as a plain module from test/)."""
+"""Helpers shared by the ROS tests (imported as a plain module from test/): waiting, and
+running a real executable that must exit cleanly on Ctrl-C."""
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -42,3 +46,41 @@ class Inbox:
     def matching(self, predicate):
         with self._cond:
             return [m for m in self.msgs if predicate(m)]
+
+
+class NodeProcess:
+    """A command run as its own process (the real executable), its output in a log file.
+
+    ``with NodeProcess(...) as p:`` kills it if the test left it running; ``p.output()``
+    is everything it printed.
+    """
+
+    def __init__(self, args, log_path, cwd):
+        self.log = open(log_path, 'w+')
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=str(cwd), env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+    @classmethod
+    def node(cls, module, log_path, cwd, *ros_args):
+        """Run ``module``'s main() with ``--ros-args ros_args`` (as ``ros2 run`` would)."""
+        code = f'from {module} import main; main()'
+        return cls([sys.executable, '-c', code, '--ros-args', *ros_args], log_path, cwd)
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def assert_exited_cleanly(self):
+        """Exit code 0, no traceback, no C++ abort (what Ctrl-C must give)."""
+        output = self.output()
+        assert self.proc.returncode == 0, output
+        assert 'Traceback' not in output and 'terminate called' not in output, output
+        return output

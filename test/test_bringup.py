@@ -51,7 +51,7 @@ LAUNCH_DIR = os.path.join(ROOT, 'launch')
 CONFIG_DIR = os.path.join(ROOT, 'config')
 LAUNCH_FILES = sorted(f for f in os.listdir(LAUNCH_DIR) if f.endswith('.launch.py'))
 CONFIG_FILES = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith('.yaml'))
-from ros_helpers import wait_until  # noqa: E402
+from ros_helpers import NodeProcess, wait_until  # noqa: E402
 
 WAIT = 60.0
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
@@ -393,32 +393,21 @@ def _cli(*args):
 def test_bringup_cli_with_the_shipped_config_and_ctrl_c(spin, tiny_vlm_bundle, tmp_path):
     ns = '/bringup_cli'
     params = _config_for_tests(tmp_path, tiny_vlm_bundle)
-    log = open(tmp_path / 'bringup.log', 'w+')
-    proc = subprocess.Popen(
-        _cli('bringup', '--params', params, '--namespace', ns, '--camera-source', 'synthetic'),
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
-        env=dict(os.environ, PYTHONUNBUFFERED='1'))
-    probe = None
-    try:
+    args = _cli('bringup', '--params', params, '--namespace', ns, '--camera-source',
+                'synthetic')
+    with NodeProcess(args, tmp_path / 'bringup.log', tmp_path) as bringup:
         probe = Probe(spin, ns)
-        res = probe.ask_until_frame('What do you see?')
-        log.seek(0)
-        assert res.success, (res.error_code, res.error_message, log.read())
-        assert res.image_header.frame_id == 'camera'
-        assert wait_until(lambda: len(probe.masks) >= 1, WAIT), 'no masks'
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=WAIT)
-    finally:
-        if probe is not None:
+        try:
+            res = probe.ask_until_frame('What do you see?')
+            assert res.success, (res.error_code, res.error_message, bringup.output())
+            assert res.image_header.frame_id == 'camera'
+            assert wait_until(lambda: len(probe.masks) >= 1, WAIT), 'no masks'
+            bringup.proc.send_signal(signal.SIGINT)
+            bringup.proc.wait(timeout=WAIT)
+        finally:
             probe.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log.seek(0)
-    output = log.read()
-    assert proc.returncode == 0, output
+    output = bringup.assert_exited_cleanly()
     assert 'camera_source, segmentation_node, scene_qa_node running' in output, output
-    assert 'Traceback' not in output and 'terminate called' not in output, output
 
 
 def test_bringup_cli_bad_params_exit_with_the_reason(tmp_path):

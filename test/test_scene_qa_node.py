@@ -18,8 +18,6 @@ asserts a duration: bench/bench_scene_qa.py measures performance.
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import cv2
@@ -44,7 +42,7 @@ from bluelm_ros.runtime.shipped_models import VLM_BUNDLE  # noqa: E402
 from bluelm_ros.data.synthetic import render_scene  # noqa: E402
 
 from engine_helpers import SlowEngine  # noqa: E402
-from ros_helpers import Inbox, wait_until  # noqa: E402
+from ros_helpers import Inbox, NodeProcess, wait_until  # noqa: E402
 
 WAIT = 30.0  # seconds to wait for anything that should happen
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
@@ -650,14 +648,9 @@ def test_missing_or_corrupt_bundle_fails_configure_naming_the_file_and_the_fix(
 
 
 def _node_process(ns, bundle, tmp_path, *params):
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    code = 'from bluelm_ros.ros.scene_qa_node import main; main()'
-    log = open(tmp_path / f'{ns}.log', 'w+')
-    args = ['--ros-args', '-r', f'__ns:=/{ns}', '-p', f'bundle_path:={bundle}',
-            '-p', 'threads:=1', *params]
-    proc = subprocess.Popen([sys.executable, '-c', code, *args], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
-    return proc, log
+    return NodeProcess.node('bluelm_ros.ros.scene_qa_node', tmp_path / f'{ns}.log', tmp_path,
+                            '-r', f'__ns:=/{ns}', '-p', f'bundle_path:={bundle}',
+                            '-p', 'threads:=1', *params)
 
 
 def test_ctrl_c_of_the_real_executable_with_requests_in_flight(
@@ -665,19 +658,17 @@ def test_ctrl_c_of_the_real_executable_with_requests_in_flight(
     """SIGINT while answering, with requests queued: exits at once, no traceback."""
     ns = 'sigint_qa'
     # request_timeout far beyond the test: waiting service callbacks must not hold the exit.
-    proc, log = _node_process(ns, tiny_vlm_bundle, tmp_path, '-p', 'request_timeout:=600.0',
-                              '-p', 'qos.reliability:=reliable')
-    try:
+    with _node_process(ns, tiny_vlm_bundle, tmp_path, '-p', 'request_timeout:=600.0',
+                       '-p', 'qos.reliability:=reliable') as node:
         probe = rclpy.create_node('sigint_qa_probe', namespace=f'/{ns}')
+        client = probe.create_client(SRV.AskScene, 'scene_qa_node/ask')
         spinner = spin(probe)
         try:
-            client = probe.create_client(SRV.AskScene, 'scene_qa_node/ask')
             assert client.wait_for_service(timeout_sec=60), 'the node never came up'
             img = image_codec.numpy_to_image(frame(23), 'rgb8')
             first = client.call_async(SRV.AskScene.Request(question='Ready?', image=img))
             assert wait_until(first.done, timeout=60)
-            log.seek(0)
-            assert first.result().success, log.read()
+            assert first.result().success, node.output()
             # The node's executor has queue_size + 4 = 12 threads (run_node reads the
             # node's executor_threads): 8 long requests block 8 of them at once.
             req = SRV.AskScene.Request(question='Long one.', image=img,
@@ -687,8 +678,8 @@ def test_ctrl_c_of_the_real_executable_with_requests_in_flight(
             answered_before = sum(f.done() for f in pending)
             assert answered_before < 8, 'too fast: nothing was in flight at SIGINT'
             t0 = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=WAIT)
+            node.proc.send_signal(signal.SIGINT)
+            node.proc.wait(timeout=WAIT)
             time.sleep(0.5)
             codes = [f.result().error_code for f in pending if f.done()]
             print(f'exited {time.monotonic() - t0:.2f} s after SIGINT with '
@@ -696,23 +687,15 @@ def test_ctrl_c_of_the_real_executable_with_requests_in_flight(
         finally:
             spinner.stop()
             probe.destroy_node()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log.seek(0)
-    output = log.read()
-    assert proc.returncode == 0, output
-    assert 'Traceback' not in output and 'terminate called' not in output, output
+    node.assert_exited_cleanly()
 
 
 def test_bad_startup_parameter_exits_with_the_reason(tiny_vlm_bundle, tmp_path):
-    proc, log = _node_process('badparam_qa', tiny_vlm_bundle, tmp_path,
-                              '-p', 'decoder_precision:=int3')
-    proc.wait(timeout=120)
-    log.seek(0)
-    output = log.read()
-    assert proc.returncode == 1, output
+    with _node_process('badparam_qa', tiny_vlm_bundle, tmp_path,
+                       '-p', 'decoder_precision:=int3') as node:
+        node.proc.wait(timeout=120)
+    output = node.output()
+    assert node.proc.returncode == 1, output
     assert "decoder_precision must be one of 'int4', 'fp32'; got 'int3'" in output
     assert 'Traceback' not in output, output
 

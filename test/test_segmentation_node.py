@@ -4,7 +4,6 @@ Every test gets its own namespace, so topics of one test never reach another's n
 Waits are generous (a loaded 2-core machine runs the model at a few Hz); nothing here
 asserts a duration: performance is measured by bench/bench_seg_node.py.
 """
-import os
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from bluelm_ros.runtime.labels import CITYSCAPES  # noqa: E402
 from bluelm_ros.runtime.segmenter import overlay, Segmenter, to_rgb_uint8  # noqa: E402
 from bluelm_ros.data.synthetic import render_scene  # noqa: E402
 
-from ros_helpers import Inbox, wait_until  # noqa: E402
+from ros_helpers import Inbox, NodeProcess, wait_until  # noqa: E402
 
 WAIT = 30.0  # seconds to wait for anything that should happen
 BEST_EFFORT = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
@@ -485,47 +484,34 @@ def test_diagnostics_on_the_diagnostics_topic(rig):
 def test_ctrl_c_while_busy_exits_cleanly(spin, tmp_path):
     """The real executable: SIGINT during inference ends it without a traceback."""
     ns = 'sigint'
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    code = 'from bluelm_ros.ros.segmentation_node import main; main()'
-    log = open(tmp_path / 'node.log', 'w+')
     # Reliable: Fast DDS drops best-effort frames over 512 KB between processes unless its
     # shared-memory segment is enlarged (docs/segmentation-node.md); small frames anyway.
-    args = ['--ros-args', '-r', f'__ns:=/{ns}', '-p', 'qos.reliability:=reliable']
-    proc = subprocess.Popen([sys.executable, '-c', code, *args], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
-    try:
+    with NodeProcess.node('bluelm_ros.ros.segmentation_node', tmp_path / 'node.log', tmp_path,
+                          '-r', f'__ns:=/{ns}', '-p', 'qos.reliability:=reliable') as node:
         probe = rclpy.create_node('sigint_probe', namespace=f'/{ns}')
+        masks = Inbox()
+        probe.create_subscription(Image, 'segmentation_node/mask', masks, RELIABLE)
+        pub = probe.create_publisher(Image, 'image', RELIABLE)
         spinner = spin(probe)
         try:
-            masks = Inbox()
-            probe.create_subscription(Image, 'segmentation_node/mask', masks, RELIABLE)
-            pub = probe.create_publisher(Image, 'image', RELIABLE)
             assert wait_until(lambda: pub.get_subscription_count() > 0, timeout=60)
             frame = image_codec.numpy_to_image(render_scene(2, 240, 320).image, 'rgb8')
             for sec in range(1, 4):
                 pub.publish(stamped(frame, sec))
                 if masks.wait_for(timeout=WAIT / 3) is not None:
                     break
-            log.seek(0)
-            assert masks.msgs, f'the node never produced a mask: {log.read()}'
+            assert masks.msgs, f'the node never produced a mask: {node.output()}'
             for sec in range(10, 20):  # keep the worker busy, then interrupt it
                 pub.publish(stamped(frame, sec))
                 time.sleep(0.02)
             t0 = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=WAIT)
+            node.proc.send_signal(signal.SIGINT)
+            node.proc.wait(timeout=WAIT)
             print(f'exited {time.monotonic() - t0:.2f} s after SIGINT')
         finally:
             spinner.stop()
             probe.destroy_node()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log.seek(0)
-    output = log.read()
-    assert proc.returncode == 0, output
-    assert 'Traceback' not in output and 'terminate called' not in output, output
+    node.assert_exited_cleanly()
 
 
 def test_bad_startup_parameter_exits_with_the_reason(tmp_path):
