@@ -15,7 +15,6 @@ before writing to it or keeping it past the message.
 import array
 import re
 import struct
-import sys
 
 import cv2
 import numpy as np
@@ -51,8 +50,6 @@ _ENCODINGS = {
 
 SUPPORTED_ENCODINGS = tuple(_ENCODINGS)
 _ENCODINGS_LOWER = {name.lower(): spec for name, spec in _ENCODINGS.items()}
-
-_HOST_BIG_ENDIAN = sys.byteorder == 'big'
 
 
 def _lookup(encoding):

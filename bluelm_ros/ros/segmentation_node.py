@@ -34,10 +34,7 @@ MODEL_PARAMS = ('model_path', 'label_set', 'providers', 'threads', 'input_height
                 'input_width', 'label_info_type')
 # Applied when the subscription is created (activate): changeable while not active.
 SUBSCRIPTION_PARAMS = ('input_type', 'qos.reliability', 'qos.durability', 'qos.depth')
-# Read by the worker for every frame: change any time.
-LIVE_PARAMS = ('enabled', 'max_rate', 'overlay_alpha', 'publish_colored_mask',
-               'publish_overlay', 'publish_class_stats', 'max_input_pixels',
-               'warn_throttle_sec')
+# Every other parameter is read by the worker for every frame: it changes any time.
 
 INPUT_TYPES = ('raw', 'compressed')
 LABEL_INFO_TYPES = ('auto', 'vision_msgs', 'bluelm_ros')
