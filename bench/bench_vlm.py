@@ -103,7 +103,7 @@ def _prompt_ids(engine, emb, n_total):
 
 def _random_image_embedding(engine, grid=(2, 4)):
     from bluelm_ros.runtime.vlm.dynamic_resolution import num_tiles
-    from bluelm_ros.runtime.vlm.engine import ImageEmbedding
+    from bluelm_ros.runtime.vlm.image_encoder import ImageEmbedding
     cfg = engine.config
     n = num_tiles(grid) * cfg.tokens_per_tile
     emb = np.random.default_rng(0).normal(0, 0.02, (n, cfg.text.hidden_size)).astype(np.float32)

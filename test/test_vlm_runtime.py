@@ -24,9 +24,10 @@ from bluelm_ros.runtime.vlm.bundle import (Bundle, BundleError, DecoderIO,  # no
                                            VisionIO)
 from bluelm_ros.runtime.vlm.decoder import Decoder  # noqa: E402
 from bluelm_ros.runtime.vlm.dynamic_resolution import DynamicResolution  # noqa: E402
-from bluelm_ros.runtime.vlm.engine import (ContextOverflowError,  # noqa: E402
-                                           ImageEmbedding, VLMEngine)
+from bluelm_ros.runtime.vlm.engine import VLMEngine  # noqa: E402
+from bluelm_ros.runtime.vlm.image_encoder import ImageEmbedding  # noqa: E402
 from bluelm_ros.runtime.vlm.kv_buffer_decoder import KVBufferDecoder  # noqa: E402
+from bluelm_ros.runtime.vlm.results import ContextOverflowError  # noqa: E402
 from bluelm_ros.runtime.vlm.sampling import sample_token  # noqa: E402
 from bluelm_ros.tools.vlm.configs import load_config  # noqa: E402
 from bluelm_ros.tools.vlm.export import ExportOptions, export_bundle  # noqa: E402

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from bluelm_ros.runtime.image import ImageError
-from bluelm_ros.runtime.vlm.engine import ContextOverflowError, Timings
+from bluelm_ros.runtime.vlm.results import ContextOverflowError, Timings
 from bluelm_ros.runtime.workers import LatestSlot, WorkerThread
 
 ERRORS = ('no_image', 'bad_request', 'bad_image', 'busy', 'timeout', 'cancelled',

@@ -4,8 +4,8 @@ No torch at run time. The engine runs a bundle written by ``bluelm-ros vlm-expor
 
 * **Image path** (:class:`~bluelm_ros.runtime.vlm.image_encoder.ImageEncoder`): tiles ->
   vision graph -> image embeddings, cached by key (decoupled image encoding).
-* **Text path** (:meth:`VLMEngine.generate`): chat template -> token embeddings (numpy
-  lookup in the memory-mapped table) with the image embeddings spliced in -> chunked
+* **Text path** (:meth:`VLMEngine.generate`): chat template -> token embeddings with the
+  image embeddings spliced in (:mod:`~bluelm_ros.runtime.vlm.prompt`) -> chunked
   prefill (``prefill_chunk`` tokens per decoder call) -> one token per decoder step ->
   greedy or temperature / top-k / top-p sampling, stop tokens and stop strings,
   ``max_new_tokens``, streaming callback, cancellation between tokens.
@@ -20,7 +20,6 @@ The decoder is a backend behind a small interface; ``decoder_factory`` picks it 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 import threading
 import time
 from typing import Callable, Optional, Sequence, Union
@@ -28,53 +27,14 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from bluelm_ros.runtime.memory import limit_heap_retention, trim_heap
-from bluelm_ros.runtime.vlm.bundle import Bundle, BundleError, EMBED_NAME
+from bluelm_ros.runtime.vlm.bundle import Bundle
 from bluelm_ros.runtime.vlm.image_encoder import image_key, ImageEmbedding, ImageEncoder
 from bluelm_ros.runtime.vlm.kv_buffer_decoder import KVBufferDecoder
+from bluelm_ros.runtime.vlm.results import (ContextOverflowError, GenerationResult,
+                                            StreamCallback, Timings)
 from bluelm_ros.runtime.vlm.sampling import sample_token, TextStream
+from bluelm_ros.runtime.vlm.prompt import PromptEmbedder
 from bluelm_ros.runtime.vlm.tokenizer import VLMTokenizer
-
-StreamCallback = Callable[[str, int], Optional[bool]]
-
-
-class ContextOverflowError(ValueError):
-    """The prompt does not fit in the context window; the message says by how much."""
-
-
-@dataclass
-class Timings:
-    """Where the time of one :meth:`VLMEngine.generate` call went."""
-
-    image_encode_ms: float = 0.0
-    image_cached: bool = False
-    image_tiles: int = 0
-    image_tokens: int = 0
-    prompt_tokens: int = 0
-    reused_prefix_tokens: int = 0
-    prefill_ms: float = 0.0
-    prefill_tokens_per_second: float = 0.0
-    time_to_first_token_ms: float = 0.0
-    decode_ms: float = 0.0
-    generated_tokens: int = 0
-    tokens_per_second: float = 0.0
-
-    def as_dict(self) -> dict:
-        """Return a plain dict (for JSON and ROS messages)."""
-        return asdict(self)
-
-
-@dataclass
-class GenerationResult:
-    """Output of :meth:`VLMEngine.generate`.
-
-    ``stop_reason``: ``eos``, ``stop_string``, ``max_new_tokens``, ``cancelled`` or
-    ``context_full``. ``tokens`` are the generated ids (a stop token included).
-    """
-
-    text: str
-    tokens: list
-    stop_reason: str
-    timings: Timings = field(default_factory=Timings)
 
 
 class VLMEngine:
@@ -130,11 +90,7 @@ class VLMEngine:
         if 'vision' in self.bundle.components:
             self.bundle.component_files('vision', vision_precision)
         self.tokenizer = VLMTokenizer(self.bundle.component_files('tokenizer')[0], cfg)
-        self.embed_table = np.load(self.bundle.component_files('embeddings')[0], mmap_mode='r')
-        if self.embed_table.shape != (cfg.text.vocab_size, cfg.text.hidden_size):
-            raise BundleError(f'{self.bundle.file(EMBED_NAME)}: shape '
-                              f'{self.embed_table.shape} does not match the config. '
-                              f'Re-export the bundle.')
+        self.prompts = PromptEmbedder(self.bundle)
         self._lock = threading.RLock()
         self.images = ImageEncoder(
             self.bundle, vision_precision, self._lock,
@@ -211,30 +167,6 @@ class VLMEngine:
         """Chat-template token ids with one placeholder per image token."""
         return self.tokenizer.build_prompt(question, image.num_tokens if image else 0, system)
 
-    def _identities(self, ids: Sequence[int], image: Optional[ImageEmbedding]) -> list:
-        # image placeholders are equal ids; what makes two prompts share a prefix is the
-        # same image, so those slots are identified by (image key, index)
-        img, out, j = self.config.image_token_id, [], 0
-        for t in ids:
-            if t == img and image is not None:
-                out.append((image.key, j))
-                j += 1
-            else:
-                out.append(int(t))
-        return out
-
-    def _embed(self, ids: Sequence[int], image: Optional[ImageEmbedding]) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        out = self.embed_table[ids].astype(np.float32)
-        slots = np.flatnonzero(ids == self.config.image_token_id)
-        n_img = 0 if image is None else image.num_tokens
-        if len(slots) != n_img:
-            raise ValueError(f'{len(slots)} image placeholder tokens but {n_img} image '
-                             f'embeddings')
-        if n_img:
-            out[slots] = image.embeds
-        return out
-
     def _check_fits(self, n_prompt: int, image: Optional[ImageEmbedding]) -> None:
         if n_prompt >= self.max_context:
             what = (f' ({image.num_tokens} of them image tokens from {image.num_tiles} tiles; '
@@ -275,7 +207,7 @@ class VLMEngine:
             last = max((i for i, t in enumerate(ids) if t == img), default=-1)
             ids = ids[:last + 1] if emb is not None else ids[:1]
             self._check_fits(len(ids), emb)
-            decoder.prefill(self._embed(ids, emb), self._identities(ids, emb),
+            decoder.prefill(self.prompts.embed(ids, emb), self.prompts.identities(ids, emb),
                             self.prefill_chunk, need_logits=False)
             return decoder.cached_tokens
 
@@ -292,11 +224,12 @@ class VLMEngine:
             decoder.reset()
             ids = list(prompt_ids)
             self._check_fits(len(ids) + len(continuation), image)
-            logits = decoder.prefill(self._embed(ids, image), self._identities(ids, image),
+            logits = decoder.prefill(self.prompts.embed(ids, image),
+                                     self.prompts.identities(ids, image),
                                      int(prefill_chunk or self.prefill_chunk)).logits
             out = [logits]
             for tok in continuation:
-                out.append(decoder.step(self._embed([tok], None), [int(tok)]))
+                out.append(decoder.step(self.prompts.embed([tok], None), [int(tok)]))
             return np.stack(out)
 
     # -- generation ------------------------------------------------------------------------------
@@ -362,10 +295,10 @@ class VLMEngine:
             if not reuse_prefix:
                 decoder.reset()
             tm = Timings(prompt_tokens=len(ids))
-            embeds = self._embed(ids, image)
+            embeds = self.prompts.embed(ids, image)
             t1 = time.perf_counter()
             logits, tm.reused_prefix_tokens = decoder.prefill(
-                embeds, self._identities(ids, image), chunk)
+                embeds, self.prompts.identities(ids, image), chunk)
             tm.prefill_ms = (time.perf_counter() - t1) * 1e3
             computed = len(ids) - tm.reused_prefix_tokens
             tm.prefill_tokens_per_second = computed / max(tm.prefill_ms, 1e-6) * 1e3
@@ -381,7 +314,7 @@ class VLMEngine:
                     if decoder.cached_tokens >= self.max_context:
                         reason = 'context_full'
                         break
-                    logits = decoder.step(self._embed([tokens[-1]], None), [tokens[-1]])
+                    logits = decoder.step(self.prompts.embed([tokens[-1]], None), [tokens[-1]])
                 tok = sample_token(logits, temperature, top_k, top_p, rng)
                 tokens.append(tok)
                 if len(tokens) == 1:
