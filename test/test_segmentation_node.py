@@ -234,18 +234,19 @@ def test_flood_keeps_memory_flat_and_last_frame_is_processed(rig):
     client = r.probe.create_client(GetState, f'{r.name}/get_state')
     assert client.wait_for_service(timeout_sec=WAIT)
 
-    def flood(seconds, first_sec):
-        n, t0 = 0, time.monotonic()
-        while time.monotonic() - t0 < seconds:
+    def flood(count, first_sec):
+        # A frame count, not a duration: on a loaded machine the publisher gets fewer
+        # frames out per second, but the flood is still as large.
+        t0 = time.monotonic()
+        for n in range(count):
             pub.publish(stamped(frames[n % 4], first_sec + n))
-            n += 1
             time.sleep(1 / 150)
-        return n, n / (time.monotonic() - t0)
+        return count, count / (time.monotonic() - t0)
 
-    flood(1.0, 10_000)  # warm-up: first-frame allocations, DDS buffers
+    flood(150, 10_000)  # warm-up: first-frame allocations, DDS buffers
     rss0 = psutil.Process().memory_info().rss
     state = client.call_async(GetState.Request())
-    sent, rate = flood(3.0, 20_000)
+    sent, rate = flood(450, 20_000)
     last = stamped(frames[0], 99_999, 1)
     pub.publish(last)
     assert masks.wait_for(same_stamp(99_999, 1)) is not None, r.node.stats
@@ -255,9 +256,8 @@ def test_flood_keeps_memory_flat_and_last_frame_is_processed(rig):
     stats = r.node.stats
     print(f'flood: {sent} frames at {rate:.0f} Hz, processed {stats["processed"]}, '
           f'dropped {stats["dropped"]}, RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB')
-    assert sent > 100
     assert stats['dropped'] > 0 and stats['processed'] < stats['received']
-    # 3 s at 150 Hz of 230 KB frames would be > 100 MiB if frames queued anywhere.
+    # 450 frames of 230 KB would be > 100 MiB if frames queued anywhere.
     assert rss1 - rss0 < 40 * 2**20
 
 
