@@ -15,12 +15,13 @@ setup(
     package_data={'bluelm_ros': ['models/*/*', 'tools/vlm/configs/*.json']},
     install_requires=[
         'numpy', 'onnxruntime', 'opencv-python-headless', 'tokenizers', 'pyyaml', 'tqdm',
+        'jinja2',
     ],
     extras_require={
         'train': ['torch==2.13.0', 'onnx', 'onnxscript', 'safetensors', 'matplotlib'],
         'dev': ['torch==2.13.0', 'onnx', 'onnxscript', 'safetensors', 'transformers>=5,<6',
                 'pytest', 'pytest-timeout', 'flake8', 'pydocstyle', 'lxml', 'matplotlib',
-                'psutil'],
+                'psutil', 'scikit-image'],
     },
     entry_points={'console_scripts': ['bluelm-ros = bluelm_ros.cli:main']},
 )

@@ -3,8 +3,9 @@
 Checked statically (every import statement of every file, in functions too) and, for the
 runtime, by importing it in a fresh interpreter:
 
-* ``runtime/``: the standard library, numpy, onnxruntime, OpenCV, tokenizers, and
-  nothing else of bluelm_ros. What an ARM robot runs.
+* ``runtime/``: the standard library, numpy, onnxruntime, OpenCV, tokenizers, jinja2
+  (pure Python: renders converted checkpoints' chat templates; python3-jinja2 on apt),
+  and nothing else of bluelm_ros. What an ARM robot runs.
 * ``data/``: the standard library, numpy, OpenCV, and runtime/ (label sets).
 * ``ros/``: runtime/ and data/ (and ROS); never tools/ or the torch side.
 * ``tools/``: runtime/ and data/ (and torch, onnx, ...); never ros/ or ROS.
@@ -28,7 +29,7 @@ ROS = {'rclpy', 'rcl_interfaces', 'sensor_msgs', 'std_msgs', 'diagnostic_msgs',
 # folder -> (parts of bluelm_ros it may import, third-party allowed (None = any but banned),
 #            third-party banned)
 RULES = {
-    'runtime': ({'runtime'}, {'numpy', 'onnxruntime', 'cv2', 'tokenizers'}, set()),
+    'runtime': ({'runtime'}, {'numpy', 'onnxruntime', 'cv2', 'tokenizers', 'jinja2'}, set()),
     'data': ({'runtime', 'data'}, {'numpy', 'cv2'}, set()),
     'ros': ({'runtime', 'data', 'ros'}, None, TORCH_SIDE),
     'tools': ({'runtime', 'data', 'tools'}, None, ROS),

@@ -304,7 +304,7 @@ def test_conversion_errors(tmp_path):
     with pytest.raises(ConversionError, match=r'model\.safetensors.*embed_tokens.*shape'):
         convert('llava', str(hf_dir), out)
     # unsupported / missing config keys name the key
-    bad = dict(good, vision_config=dict(good['vision_config'], model_type='clip_vision_model'))
+    bad = dict(good, vision_config=dict(good['vision_config'], model_type='dinov2'))
     cfg_path.write_text(json.dumps(bad))
     with pytest.raises(ConversionError, match='vision_config.model_type'):
         convert('llava', str(hf_dir), out)

@@ -4,7 +4,9 @@ A config is data: a bundle's ``config.json`` (and the model definitions in
 ``tools/vlm/configs/*.json``) are read with :meth:`BlueLMVConfig.from_json`.
 Every field must be present in a file and unknown fields are rejected, so a typo
 never silently falls back to a default; keys starting with ``_`` (e.g. ``_notes``)
-are comments and ignored.
+are comments and ignored. The exception is :data:`OPTIONAL_FIELDS`, added for open
+checkpoints after the first bundles shipped: older files omit them and get the
+BlueLM-V behaviour.
 
 Layout (LLaVA style): tiles -> ViT -> token downsampler -> projector -> LLaMA decoder.
 """
@@ -20,7 +22,8 @@ from typing import Any
 CONFIG_FILE = 'config.json'  # in a bundle and in a model folder (save_pretrained, convert)
 DOWNSAMPLERS = ('vila2x2', 'pixel_shuffle', 'none')
 PROJECTORS = ('mlp2', 'linear')
-ACTIVATIONS = ('gelu', 'gelu_tanh', 'silu', 'relu')
+ACTIVATIONS = ('gelu', 'gelu_tanh', 'silu', 'relu', 'quick_gelu')
+ROPE_TYPES = ('default', 'llama3')
 SELECT_STRATEGIES = ('full', 'default')
 RULES = ('relaxed', 'llava_next', 'internvl')
 
@@ -44,6 +47,10 @@ class VisionConfig:
     CLS token of CLIP; SigLIP has none, but HF drops a patch anyway, so we do the same to
     stay exact), "full" keeps all tokens. ``post_layernorm`` applies the final LayerNorm
     to the selected features (Idefics3/SmolVLM do; LLaVA does not).
+
+    CLIP towers (LLaVA-1.5) set ``class_token`` (a learned token before the patches, with
+    its own position), ``pre_layernorm`` (LayerNorm on the embeddings before the blocks)
+    and ``patch_bias`` False (the patch conv has no bias).
     """
 
     hidden_size: int = 1152
@@ -58,6 +65,9 @@ class VisionConfig:
     feature_layer: Any = -1
     feature_select_strategy: str = 'full'
     post_layernorm: bool = False
+    class_token: bool = False
+    pre_layernorm: bool = False
+    patch_bias: bool = True
 
     @property
     def grid(self) -> int:
@@ -78,7 +88,12 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, GQA)."""
+    """LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, GQA).
+
+    ``rope_scaling``: null (plain RoPE) or Llama 3's frequency scaling,
+    ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}``.
+    """
 
     vocab_size: int = 100096
     hidden_size: int = 2560
@@ -94,6 +109,7 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    rope_scaling: Any = None
 
 
 @dataclass
@@ -102,6 +118,10 @@ class ImageConfig:
 
     Candidate grids are ``grids`` if given (list of ``[m, n]``: m tile columns, n tile
     rows, i.e. a 384m wide x 384n high canvas), else every m x n with m*n <= max_tiles.
+
+    ``processor``: null (this tiler, BlueLM-V's default) or a converted checkpoint's own
+    image processor (see :mod:`bluelm_ros.vlm.processors`); then ``rule`` .. ``thumbnail``
+    and the mean/std above are unused.
     """
 
     tile_size: int = 384
@@ -113,6 +133,7 @@ class ImageConfig:
     tile_batch_size: int = 4
     image_mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    processor: Any = None
 
 
 @dataclass
@@ -122,6 +143,12 @@ class PromptConfig:
     ``{image}`` becomes the image token id repeated once per image token (the ids are
     inserted directly, never produced by tokenizing ``image_token``). ``system_template``
     (with ``{system}``) is prepended when a system prompt is given.
+
+    ``chat_template`` (a converted checkpoint's Jinja template; see
+    :mod:`bluelm_ros.vlm.chat_template`) replaces ``template``/``system_template``/
+    ``add_bos``: the prompt is rendered as transformers' ``apply_chat_template`` renders
+    it, with ``template_vars`` (the tokenizer's special tokens map) as variables, and
+    tokenized in one piece.
     """
 
     template: str = '[|Human|]:{image}\n{question}[|AI|]:'
@@ -129,6 +156,8 @@ class PromptConfig:
     default_system: Any = None
     add_bos: bool = True
     image_token: str = '<image>'
+    chat_template: Any = None
+    template_vars: Any = None
 
 
 @dataclass
@@ -166,7 +195,8 @@ class BlueLMVConfig:
         """LLM image tokens produced by one tile (196 for SigLIP-384 + vila2x2)."""
         g = self.vision.grid
         if self.downsampler == 'none':
-            return g * g - (1 if self.vision.feature_select_strategy == 'default' else 0)
+            return (g * g + int(self.vision.class_token)
+                    - (1 if self.vision.feature_select_strategy == 'default' else 0))
         s = self.downsample_factor
         side = math.ceil(g / s)
         return side * side
@@ -253,6 +283,11 @@ class BlueLMVConfig:
             fail('text.head_dim', 'must be even (RoPE rotates pairs)')
         if t.hidden_act not in ACTIVATIONS:
             fail('text.hidden_act', f'{t.hidden_act!r} not in {ACTIVATIONS}')
+        if t.rope_scaling is not None:
+            _validate_rope_scaling(t.rope_scaling, fail)
+        if v.class_token and self.downsampler != 'none':
+            fail('vision.class_token', 'needs downsampler "none" (the class token is not '
+                 'part of the patch grid)')
         if self.downsampler not in DOWNSAMPLERS:
             fail('downsampler', f'{self.downsampler!r} not in {DOWNSAMPLERS}')
         if self.downsampler != 'none':
@@ -308,6 +343,30 @@ class BlueLMVConfig:
                 fail('prompt.template', f'must contain {k}')
         if '{system}' not in self.prompt.system_template:
             fail('prompt.system_template', 'must contain {system}')
+        if im.processor is not None:
+            from bluelm_ros.runtime.vlm.processors import (ProcessorConfigError,
+                                                           processor_config_from_dict)
+            try:
+                processor_config_from_dict(im.processor, 'image.processor')
+            except ProcessorConfigError as e:
+                fail('image.processor', str(e))
+        pv = self.prompt.template_vars
+        if pv is not None and not all(isinstance(k, str) and isinstance(x, (str, list))
+                                      for k, x in pv.items()):
+            fail('prompt.template_vars', 'must map names to strings (or lists of strings)')
+
+
+def _validate_rope_scaling(rs, fail) -> None:
+    kind = rs.get('rope_type') if isinstance(rs, dict) else None
+    if kind not in ROPE_TYPES:
+        fail('text.rope_scaling.rope_type', f'{kind!r} not in {ROPE_TYPES}')
+    if kind == 'llama3':
+        for k in ('factor', 'low_freq_factor', 'high_freq_factor',
+                  'original_max_position_embeddings'):
+            if not _is_num(rs.get(k)) or rs[k] <= 0:
+                fail(f'text.rope_scaling.{k}', 'must be a positive number')
+        if rs['high_freq_factor'] <= rs['low_freq_factor']:
+            fail('text.rope_scaling.high_freq_factor', 'must exceed low_freq_factor')
 
 
 # annotation string -> predicate; only the forms used above
@@ -334,6 +393,17 @@ _ANY_FIELDS = {
     'default_system': lambda x: x is None or isinstance(x, str),
     'bos_token_id': lambda x: x is None or _is_int(x),
     'pad_token_id': lambda x: x is None or _is_int(x),
+    'rope_scaling': lambda x: x is None or isinstance(x, dict),
+    'processor': lambda x: x is None or isinstance(x, dict),
+    'chat_template': lambda x: x is None or isinstance(x, str),
+    'template_vars': lambda x: x is None or isinstance(x, dict),
+}
+# fields added after format 1 (open checkpoints); files written before omit them
+OPTIONAL_FIELDS = {
+    VisionConfig: {'class_token': False, 'pre_layernorm': False, 'patch_bias': True},
+    TextConfig: {'rope_scaling': None},
+    ImageConfig: {'processor': None},
+    PromptConfig: {'chat_template': None, 'template_vars': None},
 }
 # element checks for plain ``list`` fields
 _LIST_ITEMS = {'eos_token_ids': _is_int, 'image_mean': _is_num, 'image_std': _is_num}
@@ -351,9 +421,10 @@ def _build(cls, data, source, prefix):
     kwargs = {}
     for name, f in names.items():
         key = prefix + name
-        if name not in data:
+        optional = OPTIONAL_FIELDS.get(cls, {})
+        if name not in data and name not in optional:
             raise ConfigError(f'{source}: {key}: missing key')
-        val = data[name]
+        val = data.get(name, optional.get(name))
         if name in _NESTED and cls is BlueLMVConfig:
             kwargs[name] = _build(_NESTED[name], val, source, key + '.')
             continue

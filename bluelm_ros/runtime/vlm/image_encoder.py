@@ -1,8 +1,9 @@
-"""The image path of the engine: tiling, the vision graph, and the encoded-image cache.
+"""The image path of the engine: preprocessing, the vision graph, the encoded-image cache.
 
-Dynamic-resolution tiling -> tiles encoded in batches of ``tile_batch_size`` by the
-vision graph -> image embeddings in LLM space, kept in a small LRU keyed by the caller's
-key (e.g. a frame id) or a hash of the pixels. This is the paper's *decoupled image
+The bundle's image processor (BlueLM-V's dynamic-resolution tiling, or a converted
+checkpoint's own: :mod:`~bluelm_ros.runtime.vlm.processors`) -> tiles encoded in batches
+of ``tile_batch_size`` by the vision graph -> image embeddings in LLM space, kept in a
+small LRU keyed by the caller's key (e.g. a frame id) or a hash of the pixels. This is the paper's *decoupled image
 encoding*: encode when the frame arrives, answer when the question arrives.
 """
 
@@ -19,7 +20,8 @@ import numpy as np
 from bluelm_ros.runtime.memory import trim_heap
 from bluelm_ros.runtime.ort_session import create_session
 from bluelm_ros.runtime.vlm.bundle import Bundle, EXPORT_COMMAND
-from bluelm_ros.runtime.vlm.dynamic_resolution import DynamicResolution, tile_batches
+from bluelm_ros.runtime.vlm.dynamic_resolution import tile_batches
+from bluelm_ros.runtime.vlm.processors import build_image_processor
 
 
 @dataclass
@@ -32,6 +34,7 @@ class ImageEmbedding:
     num_tiles: int
     image_size: tuple
     encode_ms: float
+    has_thumbnail: bool = False  # the last tile is a global view (its prompt text differs)
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +62,7 @@ class ImageEncoder:
                  pad_tile_batches: bool = False, cache_size: int = 4,
                  release_vision: bool = False, providers=None, **session_options):
         self.bundle, self.precision = bundle, precision
-        self.tiler = DynamicResolution.from_config(bundle.config)
+        self.tiler = build_image_processor(bundle.config)
         self.tile_batch_size = int(tile_batch_size)
         self.pad_tile_batches = pad_tile_batches
         self.cache_size = max(1, int(cache_size))
@@ -127,7 +130,8 @@ class ImageEncoder:
                 self.release()
             emb = ImageEmbedding(key=key, embeds=embeds, grid=tiled.grid,
                                  num_tiles=tiled.num_tiles, image_size=tiled.image_size,
-                                 encode_ms=(time.perf_counter() - t0) * 1e3)
+                                 encode_ms=(time.perf_counter() - t0) * 1e3,
+                                 has_thumbnail=tiled.has_thumbnail)
             self._cache[key] = emb
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)

@@ -59,6 +59,13 @@ class VLMTokenizer:
         """Text -> ids, without BOS/EOS or other post-processing."""
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def encode_prompt(self, text: str) -> list:
+        """Tokenize a whole rendered prompt with the tokenizer's special tokens (e.g. BOS).
+
+        This is what transformers' processors do with a chat-template prompt.
+        """
+        return list(self.tokenizer.encode(text, add_special_tokens=True).ids)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Ids -> text (image placeholders and EOS dropped when skipping specials)."""
         ids = [int(i) for i in ids]

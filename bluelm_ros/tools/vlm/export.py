@@ -77,7 +77,7 @@ from bluelm_ros.runtime.vlm.config import BlueLMVConfig, CONFIG_FILE
 from bluelm_ros.runtime.vlm.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
 from bluelm_ros.tools.vlm.configs import load_config
 from bluelm_ros.tools.vlm.modeling import (BlueLMV, DecoderLayer, LanguageModel, RMSNorm,
-                                           RotaryEmbedding, apply_rope)
+                                           RotaryEmbedding, VisionEmbeddings, apply_rope)
 
 OPSET = 17
 VISION_PRECISIONS = ('fp32', 'int8')
@@ -165,6 +165,8 @@ def _materialize(module: nn.Module, seed: int) -> nn.Module:
                 m.bias.zero_()
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
+            elif isinstance(m, VisionEmbeddings) and m.class_embedding is not None:
+                m.class_embedding.normal_(0.0, 0.02, generator=gen)  # CLIP's class token
     return module
 
 

@@ -19,6 +19,7 @@ Design points for export (a later ONNX engine builds on this):
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional, Sequence
 
@@ -43,6 +44,8 @@ def activation(name: str):
         return F.silu
     if name == 'relu':
         return F.relu
+    if name == 'quick_gelu':  # CLIP's sigmoid approximation of GELU
+        return lambda x: x * torch.sigmoid(1.702 * x)
     raise ValueError(f'unknown activation {name!r}')
 
 
@@ -51,20 +54,28 @@ def activation(name: str):
 
 
 class VisionEmbeddings(nn.Module):
-    """Patch-embedding conv + learned position embeddings (no CLS token)."""
+    """Patch-embedding conv + learned position embeddings (+ CLIP's class token)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.patch_size = config.patch_size
         self.grid = config.grid
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
-                                         config.patch_size, stride=config.patch_size)
-        self.position_embedding = nn.Embedding(self.grid * self.grid, config.hidden_size)
+                                         config.patch_size, stride=config.patch_size,
+                                         bias=config.patch_bias)
+        self.class_embedding = (nn.Parameter(torch.zeros(config.hidden_size))
+                                if config.class_token else None)
+        n_pos = self.grid * self.grid + (1 if config.class_token else 0)
+        self.position_embedding = nn.Embedding(n_pos, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, S, S]`` -> ``[N, grid*grid, C]`` (row-major patches)."""
+        """``[N, 3, S, S]`` -> ``[N, (1 +) grid*grid, C]`` (class token, row-major patches)."""
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        return x.flatten(2).transpose(1, 2) + self.position_embedding.weight[None]
+        x = x.flatten(2).transpose(1, 2)
+        if self.class_embedding is not None:
+            cls = self.class_embedding.to(x.dtype)[None, None].expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)
+        return x + self.position_embedding.weight[None]
 
 
 class VisionAttention(nn.Module):
@@ -141,10 +152,16 @@ class VisionTower(nn.Module):
         self.drop_first = config.feature_select_strategy == 'default'
         self.post_layernorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
                                if config.post_layernorm else None)
+        # CLIP: hidden_states[0] is already the pre-layernormed embedding
+        self.pre_layernorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+                              if config.pre_layernorm else None)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, 3, S, S]`` -> ``[N, tokens, C * len(feature_layers)]``."""
-        return self.forward_blocks(self.embeddings(pixel_values))
+        h = self.embeddings(pixel_values)
+        if self.pre_layernorm is not None:
+            h = self.pre_layernorm(h)
+        return self.forward_blocks(h)
 
     def forward_blocks(self, h: torch.Tensor) -> torch.Tensor:
         """Run the blocks on patch embeddings ``[N, grid*grid, C]``.
@@ -160,8 +177,8 @@ class VisionTower(nn.Module):
         if self.post_layernorm is not None:
             feats = [self.post_layernorm(f) for f in feats]
         if self.drop_first:
-            # HF's "default" strategy drops the CLS token; SigLIP has none, so this drops
-            # the top-left patch, exactly as transformers does.
+            # HF's "default" strategy drops the CLS token; SigLIP has none, so there this
+            # drops the top-left patch, exactly as transformers does.
             feats = [f[:, 1:] for f in feats]
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
 
@@ -253,14 +270,34 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_inv_freq(config: TextConfig) -> torch.Tensor:
+    """Compute RoPE inverse frequencies, Llama 3 scaled when ``config.rope_scaling`` asks.
+
+    Llama 3 divides the low frequencies (wavelength above ``original / low_freq_factor``)
+    by ``factor``, keeps the high ones (below ``original / high_freq_factor``) and blends
+    linearly in between; computed in float32 in the same order as transformers.
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+    rs = config.rope_scaling
+    if not rs or rs.get('rope_type') == 'default':
+        return inv_freq
+    factor, low, high = rs['factor'], rs['low_freq_factor'], rs['high_freq_factor']
+    old_len = rs['original_max_position_embeddings']
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE cos/sin for arbitrary ``position_ids`` (half-split rotation, as HF LLaMA)."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
-        d = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
-        self.register_buffer('inv_freq', inv_freq, persistent=False)
+        self.register_buffer('inv_freq', rope_inv_freq(config), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple:
         """``[B, T]`` positions -> ``(cos, sin)`` each ``[B, T, head_dim]``."""

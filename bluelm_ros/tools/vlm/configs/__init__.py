@@ -42,14 +42,16 @@ def count_parameters(config: BlueLMVConfig) -> dict:
     """
     v, t = config.vision, config.text
     c = v.hidden_size
-    patch = v.num_channels * v.patch_size ** 2 * c + c
-    pos = v.grid ** 2 * c
+    patch = v.num_channels * v.patch_size ** 2 * c + (c if v.patch_bias else 0)
+    pos = (v.grid ** 2 + int(v.class_token)) * c + (c if v.class_token else 0)
     block = (4 * c  # two LayerNorms
              + 4 * _act_params(c, c, True)
              + _act_params(c, v.intermediate_size, True)
              + _act_params(v.intermediate_size, c, True))
     vision = patch + pos + block * v.num_layers_used()
     if v.post_layernorm:
+        vision += 2 * c
+    if v.pre_layernorm:
         vision += 2 * c
 
     down = 0

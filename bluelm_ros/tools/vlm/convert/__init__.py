@@ -1,6 +1,7 @@
 """Convert local HF ``transformers`` checkpoints into this project's format.
 
-One module per checkpoint family (nothing is downloaded, ``transformers`` is not imported);
+One module per checkpoint family (nothing is downloaded; ``transformers`` is only used, when
+installed, to save the exact tokenizer it runs: :mod:`.hf_checkpoint`);
 a new family is one new module defining ``FAMILY`` plus one line in :data:`FAMILIES`.
 Output directory: ``config.json`` (our :class:`BlueLMVConfig`), ``model.safetensors`` and
 the tokenizer files, ready for ``bluelm-ros vlm-export``.

@@ -1,13 +1,16 @@
 """Idefics3 / SmolVLM: SigLIP with post-layernorm, pixel-shuffle connector, Llama text model.
 
 The connector is our ``pixel_shuffle`` downsampler + one linear without bias; the text
-model is Llama / SmolLM2. Only the model is converted: the processor's image splitting
-with row/column marker tokens is not reproduced (our tiler is used instead).
+model is Llama / SmolLM2 (SmolVLM-256M/500M-Instruct are this architecture). The
+processor's image splitting (crops + global image, row/column marker tokens,
+``image_seq_len``), chat template and stop tokens (``<end_of_utterance>``) are recorded in
+the config and reproduced at run time.
 """
 import os
 
 from bluelm_ros.runtime.vlm.config import BlueLMVConfig, PromptConfig
-from bluelm_ros.tools.vlm.convert.common import (Family, image_config,
+from bluelm_ros.tools.vlm.convert.common import (attach_checkpoint_assets, Family,
+                                                 image_config,
                                                  LLAMA_DEFAULTS, read_hf_config,
                                                  SIGLIP_VISION_DEFAULTS, text_config,
                                                  token_ids, validated, vision_config,
@@ -36,7 +39,7 @@ def config(hf_dir: str) -> BlueLMVConfig:
     text = text_config(tc, source, dict(LLAMA_DEFAULTS, rms_norm_eps=1e-5), tie)
     bos, eos, pad = token_ids(tc, top)
     scale = int(top.get('scale_factor', 2))
-    return validated(BlueLMVConfig(
+    cfg = BlueLMVConfig(
         name=os.path.basename(os.path.normpath(hf_dir)) or mt,
         vision=vision, text=text, image=image_config(hf_dir, vision.image_size),
         prompt=PromptConfig(template='User:{image}{question}<end_of_utterance>\nAssistant:',
@@ -45,7 +48,9 @@ def config(hf_dir: str) -> BlueLMVConfig:
         downsampler='pixel_shuffle', downsample_factor=scale, downsampler_norm=False,
         downsampler_dim=0, projector='linear', projector_act='gelu', projector_bias=False,
         image_token_id=top.get('image_token_id', 128257),
-        bos_token_id=bos, eos_token_ids=eos, pad_token_id=pad), source)
+        bos_token_id=bos, eos_token_ids=eos, pad_token_id=pad)
+    attach_checkpoint_assets(cfg, hf_dir)
+    return validated(cfg, source)
 
 
 FAMILY = Family('idefics3', 'Idefics3ForConditionalGeneration / SmolVLM', config, LAYOUT)
