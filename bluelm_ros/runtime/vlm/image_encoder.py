@@ -3,8 +3,9 @@
 The bundle's image processor (BlueLM-V's dynamic-resolution tiling, or a converted
 checkpoint's own: :mod:`~bluelm_ros.runtime.vlm.processors`) -> tiles encoded in batches
 of ``tile_batch_size`` by the vision graph -> image embeddings in LLM space, kept in a
-small LRU keyed by the caller's key (e.g. a frame id) or a hash of the pixels. This is the paper's *decoupled image
-encoding*: encode when the frame arrives, answer when the question arrives.
+small LRU keyed by the caller's key (e.g. a frame id) or a hash of the pixels. This is
+the paper's *decoupled image encoding*: encode when the frame arrives, answer when the
+question arrives.
 """
 
 from __future__ import annotations
