@@ -21,7 +21,6 @@ run without it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 import json
 from typing import Optional
@@ -117,34 +116,52 @@ class ChatTemplate:
             raise ChatTemplateError(f'prompt.chat_template: cannot render: {e}') from None
 
 
-@dataclass
-class ImagePrompt:
-    """What stands for an image in the text: the placeholder and its expansion."""
+class FormatPromptBuilder:
+    """BlueLM-V bundles: the config's ``prompt.template`` format string (no Jinja)."""
 
-    placeholder: str
-    expansion: str
+    def __init__(self, tokenizer: VLMTokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, question: str, image=None, system: Optional[str] = None) -> list:
+        """Prompt ids with one placeholder per image token (``image``: an ImageEmbedding)."""
+        return self.tokenizer.build_prompt(question, image.num_tokens if image else 0, system)
 
 
 class ChatPromptBuilder:
-    """Prompt ids from the checkpoint's template, image expansion and one-piece tokenization."""
+    """Prompt ids from the checkpoint's template, image expansion and one-piece tokenization.
 
-    def __init__(self, tokenizer: VLMTokenizer, template: ChatTemplate):
+    ``image_processor`` says what text stands for an encoded image (``image_prompt``);
+    ``placeholder`` is what the template writes for it (``<image>``).
+    """
+
+    def __init__(self, tokenizer: VLMTokenizer, template: ChatTemplate, image_processor,
+                 placeholder: str = '<image>'):
         self.tokenizer = tokenizer
         self.template = template
+        self.image_processor = image_processor
+        self.placeholder = placeholder
 
-    def text(self, question: str, image: Optional[ImagePrompt] = None,
-             system: Optional[str] = None) -> str:
-        """Return the prompt string (image placeholder already expanded)."""
+    def text(self, question: str, image=None, system: Optional[str] = None) -> str:
+        """Return the prompt string (``image``: an ImageEmbedding, placeholder expanded)."""
         text = self.template.render(chat_messages(question, image is not None, system))
         if image is None:
             return text
-        if image.placeholder not in text:
-            raise ChatTemplateError(f'the chat template rendered no {image.placeholder!r} for '
+        if self.placeholder not in text:
+            raise ChatTemplateError(f'the chat template rendered no {self.placeholder!r} for '
                                     'the image; check prompt.chat_template')
+        expansion = self.image_processor.image_prompt(image.grid, image.has_thumbnail)
         # the processor replaces placeholders one image at a time, in order
-        return text.replace(image.placeholder, image.expansion, 1)
+        return text.replace(self.placeholder, expansion, 1)
 
-    def ids(self, question: str, image: Optional[ImagePrompt] = None,
-            system: Optional[str] = None) -> list:
+    def ids(self, question: str, image=None, system: Optional[str] = None) -> list:
         """Token ids of :meth:`text`, tokenized in one piece with special tokens."""
         return self.tokenizer.encode_prompt(self.text(question, image, system))
+
+
+def prompt_builder(config, tokenizer: VLMTokenizer, image_processor):
+    """Build the prompt builder the bundle config asks for (template or format string)."""
+    p = config.prompt
+    if not p.chat_template:
+        return FormatPromptBuilder(tokenizer)
+    return ChatPromptBuilder(tokenizer, ChatTemplate(p.chat_template, p.template_vars),
+                             image_processor, p.image_token)

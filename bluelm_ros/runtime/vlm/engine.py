@@ -4,11 +4,10 @@ No torch at run time. The engine runs a bundle written by ``bluelm-ros vlm-expor
 
 * **Image path** (:class:`~bluelm_ros.runtime.vlm.image_encoder.ImageEncoder`): tiles ->
   vision graph -> image embeddings, cached by key (decoupled image encoding).
-* **Text path** (:meth:`VLMEngine.generate`): chat template (the config's, or a converted
-  checkpoint's own Jinja template: :mod:`~bluelm_ros.runtime.vlm.chat_template`) -> token
-  embeddings with the image embeddings spliced in (:mod:`~bluelm_ros.runtime.vlm.prompt`)
-  -> chunked
-  prefill (``prefill_chunk`` tokens per decoder call) -> one token per decoder step ->
+* **Text path** (:meth:`VLMEngine.generate`): chat template (the config's or the
+  checkpoint's own, :mod:`~bluelm_ros.runtime.vlm.chat_template`) -> token embeddings with
+  the image spliced in (:mod:`~bluelm_ros.runtime.vlm.prompt`) -> chunked prefill
+  (``prefill_chunk`` tokens per decoder call) -> one token per decoder step ->
   greedy or temperature / top-k / top-p sampling, stop tokens and stop strings,
   ``max_new_tokens``, streaming callback, cancellation between tokens.
 * **Prefix reuse**: the decoder (:mod:`~bluelm_ros.runtime.vlm.decoder`) keeps which
@@ -30,7 +29,7 @@ import numpy as np
 
 from bluelm_ros.runtime.memory import limit_heap_retention, trim_heap
 from bluelm_ros.runtime.vlm.bundle import Bundle
-from bluelm_ros.runtime.vlm.chat_template import ChatPromptBuilder, ChatTemplate, ImagePrompt
+from bluelm_ros.runtime.vlm.chat_template import prompt_builder
 from bluelm_ros.runtime.vlm.image_encoder import image_key, ImageEmbedding, ImageEncoder
 from bluelm_ros.runtime.vlm.kv_buffer_decoder import KVBufferDecoder
 from bluelm_ros.runtime.vlm.results import (ContextOverflowError, GenerationResult,
@@ -100,9 +99,7 @@ class VLMEngine:
             tile_batch_size or cfg.image.tile_batch_size, pad_tile_batches, image_cache_size,
             release_vision, providers, **session_options)
         self.tiler = self.images.tiler
-        self.chat = (ChatPromptBuilder(self.tokenizer, ChatTemplate(
-            cfg.prompt.chat_template, cfg.prompt.template_vars))
-            if cfg.prompt.chat_template else None)
+        self.prompt_builder = prompt_builder(cfg, self.tokenizer, self.tiler)
         self.decoder = None  # opened on first use (or load)
 
     # -- sessions ------------------------------------------------------------------
@@ -171,13 +168,7 @@ class VLMEngine:
     def build_prompt(self, question: str, image: Optional[ImageEmbedding] = None,
                      system: Optional[str] = None) -> list:
         """Chat-template token ids with one placeholder per image token."""
-        if self.chat is None:
-            return self.tokenizer.build_prompt(question, image.num_tokens if image else 0,
-                                               system)
-        image_text = None if image is None else ImagePrompt(
-            self.config.prompt.image_token,
-            self.tiler.image_prompt(image.grid, image.has_thumbnail))
-        return self.chat.ids(question, image_text, system)
+        return self.prompt_builder.ids(question, image, system)
 
     def _check_fits(self, n_prompt: int, image: Optional[ImageEmbedding]) -> None:
         if n_prompt >= self.max_context:
