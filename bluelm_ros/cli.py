@@ -36,6 +36,9 @@ COMMANDS = {
     'vlm-convert': Command('bluelm_ros.tools.vlm.convert',
                            'convert a local HF checkpoint (see --help for the families) to '
                            "this project's format", passthrough=True),
+    'vlm-eval': Command('bluelm_ros.tools.vlm.evaluate_bundle',
+                        'score an exported bundle on held-out scene questions with the robot '
+                        'runtime'),
     'vlm-train': Command('bluelm_ros.tools.vlm.train',
                          'train the scene-QA BlueLM-V model (synthetic scenes)'),
     'bringup': Command('bluelm_ros.ros.bringup',

@@ -34,6 +34,26 @@ WEIGHTS_NAME = 'model.safetensors'
 KV = tuple  # (key, value), each [batch, kv_heads, seq, head_dim]
 
 
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention as two matmuls (same math as ``F.scaled_dot_product_attention``).
+
+    On CPU it is faster than PyTorch's flash kernel for short sequences (a ViT tile's 81
+    patches: 1.25 s vs 2.19 s forward + backward per 452 tiles in bf16, measured here),
+    slower for the decoder's long packed sequences, hence one function per module.
+    """
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float('-inf'))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+
+
+# Swappable attention functions (q, k, v, attn_mask=None) -> out: the vision tower's short
+# sequences and the decoder's long ones are fastest with different kernels.
+VISION_ATTENTION = eager_attention
+TEXT_ATTENTION = F.scaled_dot_product_attention
+
+
 def activation(name: str):
     """Activation function by config name (``gelu`` is the exact erf GELU)."""
     if name == 'gelu':
@@ -98,7 +118,7 @@ class VisionAttention(nn.Module):
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = VISION_ATTENTION(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(n, t, c))
 
 
@@ -353,8 +373,7 @@ class Attention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         rep = self.num_heads // self.num_kv_heads
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep),
-                                             attn_mask=mask)
+        out = TEXT_ATTENTION(q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), (k, v)
 
