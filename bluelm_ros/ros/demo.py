@@ -21,6 +21,9 @@ import cv2
 import numpy as np
 
 CAMERA_TOPIC = '/demo/camera/image_raw'
+# Scene seeds from the held-out range (training uses seeds below 10^9), so the printed
+# accuracy is about scenes the model never saw.
+DEMO_SEEDS = (1_000_000_007, 1_000_000_021, 1_000_000_042)
 
 
 def _wait(predicate, timeout, step=0.05):
@@ -92,7 +95,7 @@ def _timing_line(t):
             f'{t.tokens_per_second:5.1f} tok/s), total {t.total_ms:6.1f} ms')
 
 
-def run_demo(out, seeds=(7, 21, 42), duration=6.0, params=None):
+def run_demo(out, seeds=DEMO_SEEDS, duration=6.0, params=None):
     """Run the demo; return the summary dict (also written to <out>/summary.json)."""
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
