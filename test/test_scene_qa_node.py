@@ -843,10 +843,10 @@ END_TO_END_BASE = 1_500_100_000
                                    'caption'])
 def test_shipped_model_answers_each_question_type_right_through_the_service(rig, qtype):
     """A rendered scene goes in as the request image; the ground-truth answer comes out."""
-    if not shipped_bundle_available():
+    if not VLM_BUNDLE.available():
         pytest.skip(SHIPPED_MISSING)
     from bluelm_ros.data.scene_qa import heldout_samples, is_correct
-    r = rig(f'e2e_{qtype}', bundle=resolve_bundle_path(''), threads=0)
+    r = rig(f'e2e_{qtype}', bundle=VLM_BUNDLE.default_path, threads=0)
     samples = [s for s in heldout_samples(5, base=END_TO_END_BASE) if s.qtype == qtype]
     right, wrong = 0, []
     for i, s in enumerate(samples):
