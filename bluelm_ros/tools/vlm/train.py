@@ -553,7 +553,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
 
 
 def cpu_has_bf16() -> bool:
-    """True when this CPU has native bf16 dot products (AVX512-BF16 or AMX on x86)."""
+    """Tell whether this CPU has native bf16 dot products (AVX512-BF16 or AMX on x86)."""
     try:
         with open('/proc/cpuinfo', encoding='utf-8') as f:
             flags = f.read()
