@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -597,6 +598,23 @@ def save_checkpoint(path, model, aux_head, opt, step, elapsed, args) -> None:
     os.replace(tmp, path)
 
 
+def load_stage_weights(run_dir: str, model: BlueLMV, aux_head: torch.nn.Module,
+                       device: torch.device) -> None:
+    """Start a new stage (fresh optimizer and schedule) from a finished run's weights.
+
+    Every key must match: a stage that silently re-initialised part of the model would
+    look like a bad recipe rather than a bad load.
+    """
+    ckpt = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(ckpt):
+        raise SystemExit(f'vlm-train: --init-from needs {ckpt} (a finished or interrupted run)')
+    state = torch.load(ckpt, map_location=device, weights_only=False)
+    model.load_state_dict(state['model'], strict=True)
+    aux_head.load_state_dict(state['aux_head'], strict=True)
+    print(f'vlm-train: stage starts from {ckpt} (step {int(state["step"])}, '
+          f'{float(state["elapsed"]):.0f} s trained)')
+
+
 def train(args) -> dict:
     """Train (or resume) and return a summary; the model is saved into ``args.out``."""
     device = _device(args.device)
@@ -615,10 +633,15 @@ def train(args) -> dict:
     resume = args.resume and os.path.exists(ckpt_path)
     if args.resume and not resume:
         print(f'vlm-train: no {ckpt_path}, starting from scratch')
-    tok = (VLMTokenizer(tok_path, config) if resume and os.path.exists(tok_path)
+    init_from = args.init_from if not resume else None
+    if init_from:  # a second stage keeps the first stage's vocabulary
+        shutil.copyfile(os.path.join(init_from, TOKENIZER_FILE), tok_path)
+    tok = (VLMTokenizer(tok_path, config) if (resume or init_from) and os.path.exists(tok_path)
            else train_tokenizer(tok_path, config))
     model = BlueLMV(config).to(device)
     aux_head = AuxHead(config.vision.hidden_size).to(device)
+    if init_from:
+        load_stage_weights(init_from, model, aux_head, device)
     both = torch.nn.ModuleList([model, aux_head])
     opt = torch.optim.AdamW(param_groups(both, args.weight_decay), lr=args.lr,
                             betas=(0.9, 0.95), eps=1e-8, **({'fused': True} if cuda else {}))
@@ -767,6 +790,10 @@ def add_arguments(p) -> None:
     p.add_argument('--log-every', type=int, default=25)
     p.add_argument('--ckpt-every', type=float, default=120.0, help='seconds between checkpoints')
     p.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.pt')
+    p.add_argument('--init-from', default=None, metavar='RUN_DIR',
+                   help='start a new stage from RUN_DIR/checkpoint.pt weights (fresh '
+                        'optimizer and learning-rate schedule, same tokenizer); give a '
+                        'different --seed so the stage sees new scenes')
     p.add_argument('--eval-per-type', type=int, default=200,
                    help='held-out questions per type (0: no evaluation)')
     p.add_argument('--eval-mode', choices=('batched', 'single'), default='batched')
