@@ -1,30 +1,11 @@
-"""Helpers shared by the benchmarks: timing, machine info, JSON + plot output."""
+"""Helpers shared by the benchmarks: machine info, JSON + plot output (timing: harness.py)."""
 import json
 import os
 import platform
-import statistics
-import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
                      'bluelm_ros', 'bench')
-
-
-def time_it(fn, repeat=5, warmup=2):
-    """Return per-call times in ms (median is what we quote)."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def summarize(times):
-    return {'median_ms': statistics.median(times), 'min_ms': min(times),
-            'max_ms': max(times), 'n': len(times)}
 
 
 def machine():

@@ -171,8 +171,33 @@ def _finish(model, processor, path: str, eos: list, seed: int):
     processor.save_pretrained(path)
 
 
-def build_idefics3_family(path: str, smolvlm: bool, seed: int = 0) -> Checkpoint:
-    """SmolVLM-like (``smolvlm=True``) or Idefics3-like tiny checkpoint."""
+# The real SmolVLM-Instruct shapes (SigLIP-B/16 at 512 px, SmolLM2 text models, 4x4
+# pixel shuffle: 64 tokens per 512 px tile, images resized to a 2048 px longest edge with
+# Lanczos), for benchmarks with random weights at the real cost.
+SMOLVLM_SHAPES = {
+    'smolvlm-256m': dict(
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, image_size=512, patch_size=16),
+        text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49280,
+                  max_position_embeddings=8192),
+        longest_edge=2048),
+    'smolvlm-500m': dict(
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, image_size=512, patch_size=16),
+        text=dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                  num_attention_heads=15, num_key_value_heads=5, vocab_size=49280,
+                  max_position_embeddings=8192),
+        longest_edge=2048),
+}
+
+
+def build_idefics3_family(path: str, smolvlm: bool, seed: int = 0,
+                          shape: str | None = None) -> Checkpoint:
+    """SmolVLM-like (``smolvlm=True``) or Idefics3-like tiny checkpoint.
+
+    ``shape``: a key of :data:`SMOLVLM_SHAPES` for real-size SmolVLM random weights.
+    """
     import torch
     from transformers import (Idefics3Config, Idefics3ForConditionalGeneration,
                               Idefics3Processor, PreTrainedTokenizerFast)
@@ -202,11 +227,18 @@ def build_idefics3_family(path: str, smolvlm: bool, seed: int = 0) -> Checkpoint
         scale = 2
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
+    real = SMOLVLM_SHAPES[shape] if shape else None
     text = _llama(_vocab_size(tok), ids, tie=smolvlm, rope_llama3=not smolvlm).to_dict()
+    if real:
+        text.update(real['text'])
+        vision = dict(real['vision'])
+        longest = real['longest_edge']
+        hidden = {}
+    else:
+        hidden = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4)
     image_id = tok.convert_tokens_to_ids('<image>')
-    cfg = Idefics3Config(vision_config=dict(hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4,
-                                            **vision),
+    cfg = Idefics3Config(vision_config=dict(**hidden, **vision),
                          text_config=text, image_token_id=image_id, scale_factor=scale,
                          tie_word_embeddings=False)
     tokens_per_tile = (vision['image_size'] // vision['patch_size'] // scale) ** 2
