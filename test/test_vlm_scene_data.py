@@ -459,3 +459,14 @@ def test_cpu_training_smoke(tmp_path):
     # the saved model answers through the PyTorch answerer
     answer = train.TorchAnswerer(str(out))(GEN.sample(7, 'presence').image, 'is there a car?')
     assert isinstance(answer, str)
+    # a second stage starts from those weights: same tokenizer, loss where stage 1 ended
+    stage2 = tmp_path / 'stage2'
+    stage2_args = ['--out', str(stage2)] + base[2:] + ['--init-from', str(out), '--seed', '1',
+                                                       '--steps', '2', '--eval-per-type', '0']
+    assert train.run(p.parse_args(stage2_args)) == 0
+    assert (stage2 / 'tokenizer.json').read_bytes() == (out / 'tokenizer.json').read_bytes()
+    first = json.loads((stage2 / 'train_log.jsonl').read_text().splitlines()[0])
+    assert first['step'] == 1 and first['loss'] < 0.8 * np.mean(losses[:3])
+    with pytest.raises(SystemExit, match='init-from needs'):
+        train.run(p.parse_args(['--out', str(tmp_path / 'x')] + base[2:]
+                               + ['--init-from', str(tmp_path / 'nowhere'), '--steps', '1']))

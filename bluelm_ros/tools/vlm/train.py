@@ -606,8 +606,6 @@ def load_stage_weights(run_dir: str, model: BlueLMV, aux_head: torch.nn.Module,
     look like a bad recipe rather than a bad load.
     """
     ckpt = os.path.join(run_dir, CHECKPOINT)
-    if not os.path.exists(ckpt):
-        raise SystemExit(f'vlm-train: --init-from needs {ckpt} (a finished or interrupted run)')
     state = torch.load(ckpt, map_location=device, weights_only=False)
     model.load_state_dict(state['model'], strict=True)
     aux_head.load_state_dict(state['aux_head'], strict=True)
@@ -634,6 +632,9 @@ def train(args) -> dict:
     if args.resume and not resume:
         print(f'vlm-train: no {ckpt_path}, starting from scratch')
     init_from = args.init_from if not resume else None
+    if init_from and not os.path.exists(os.path.join(init_from, CHECKPOINT)):
+        raise SystemExit(f'vlm-train: --init-from needs {os.path.join(init_from, CHECKPOINT)} '
+                         '(a finished or interrupted run)')
     if init_from:  # a second stage keeps the first stage's vocabulary
         shutil.copyfile(os.path.join(init_from, TOKENIZER_FILE), tok_path)
     tok = (VLMTokenizer(tok_path, config) if (resume or init_from) and os.path.exists(tok_path)
