@@ -174,21 +174,15 @@ def _finish(model, processor, path: str, eos: list, seed: int):
 # The real SmolVLM-Instruct shapes (SigLIP-B/16 at 512 px, SmolLM2 text models, 4x4
 # pixel shuffle: 64 tokens per 512 px tile, images resized to a 2048 px longest edge with
 # Lanczos), for benchmarks with random weights at the real cost.
+_SIGLIP_B16_512 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, image_size=512, patch_size=16)
 SMOLVLM_SHAPES = {
-    'smolvlm-256m': dict(
-        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, image_size=512, patch_size=16),
-        text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49280,
-                  max_position_embeddings=8192),
-        longest_edge=2048),
-    'smolvlm-500m': dict(
-        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, image_size=512, patch_size=16),
-        text=dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                  num_attention_heads=15, num_key_value_heads=5, vocab_size=49280,
-                  max_position_embeddings=8192),
-        longest_edge=2048),
+    'smolvlm-256m': dict(vision=_SIGLIP_B16_512, longest_edge=2048, text=dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49280, max_position_embeddings=8192)),
+    'smolvlm-500m': dict(vision=_SIGLIP_B16_512, longest_edge=2048, text=dict(
+        hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+        num_key_value_heads=5, vocab_size=49280, max_position_embeddings=8192)),
 }
 
 

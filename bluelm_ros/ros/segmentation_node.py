@@ -30,8 +30,8 @@ from bluelm_ros.runtime.segmenter import EXPORT_HINT, overlay, Segmenter
 from bluelm_ros.runtime.workers import LatestSlot, WorkerThread
 
 # Applied when the model is loaded (configure): changeable only while unconfigured.
-MODEL_PARAMS = ('model_path', 'label_set', 'providers', 'threads', 'input_height',
-                'input_width', 'label_info_type')
+MODEL_PARAMS = ('model_path', 'label_set', 'providers', 'threads', 'spinning',
+                'input_height', 'input_width', 'label_info_type')
 # Applied when the subscription is created (activate): changeable while not active.
 SUBSCRIPTION_PARAMS = ('input_type', 'qos.reliability', 'qos.durability', 'qos.depth')
 # Every other parameter is read by the worker for every frame: it changes any time.
@@ -117,6 +117,10 @@ class SegmentationNode(LifecycleNode):
         p(self, 'threads', 0,
           'ONNX Runtime intra-op threads (0: one per core). Reconfigure to change.',
           value_range=(0, 256))
+        p(self, 'spinning', False,
+          "ONNX Runtime pool threads busy-wait between operators: INT8 head128 480x640 "
+          "runs ~16 % faster here (bench/results), but the spin takes cores from other "
+          "work, such as the scene-QA model in the same process. Reconfigure to change.")
         p(self, 'input_height', 0,
           'Expected model input height; must match the (static) model. 0: take the '
           "model's. Reconfigure to change.", value_range=(0, 8192))
@@ -180,6 +184,7 @@ class SegmentationNode(LifecycleNode):
             kind, label_type = _load_label_info_type(self._param('label_info_type'))
             segmenter = Segmenter(path, providers=list(self._param('providers')),
                                   threads=self._param('threads'),
+                                  spinning=self._param('spinning'),
                                   label_set=self._param('label_set') or None)
             want = (self._param('input_height'), self._param('input_width'))
             if any(want) and want != tuple(segmenter.input_size):
