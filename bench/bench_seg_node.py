@@ -270,7 +270,10 @@ def run_setup(args):
         fd, profile = tempfile.mkstemp(suffix='.xml', prefix='bench_seg_dds_')
         with os.fdopen(fd, 'w') as f:
             f.write(LARGE_SHM_PROFILE)
-        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = profile  # the camera inherits it
+        # The camera inherits it. Fast DDS 3 (Kilted) reads FASTDDS_..., 2.x (Humble,
+        # Jazzy) only FASTRTPS_...
+        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = profile
+        os.environ['FASTRTPS_DEFAULT_PROFILES_FILE'] = profile
     import rclpy
     rclpy.init()
     try:

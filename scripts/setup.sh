@@ -2,16 +2,32 @@
 # Create a venv with ROS 2 Kilted (PyPI wheels) + runtime + dev deps, build the package
 # with colcon into .ws/, and write .ws/env.sh to source. Idempotent: a second run only
 # re-runs the (incremental) colcon build.
+#
+# BLUELM_ROS_DISTRO=jazzy (`make test-jazzy`): the same with the ROS 2 Jazzy wheels, in a
+# second venv (venv-jazzy, or BLUELM_JAZZY_VENV) and workspace (.ws-jazzy/). Jazzy and
+# Kilted wheels pin the same distribution names (ros-rclpy, ...) at other versions, so
+# they cannot share a venv.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DISTRO=${BLUELM_ROS_DISTRO:-kilted}
+CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/bluelm_ros
 # The venv must live outside the source tree: CMake refuses exported include dirs
 # (numpy's, inside the venv) that sit under the package's source directory.
-VENV=${BLUELM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/bluelm_ros/venv}
-WS=$ROOT/.ws
+case "$DISTRO" in
+  kilted)
+    VENV=${BLUELM_VENV:-$CACHE_DIR/venv}
+    WS=$ROOT/.ws
+    ROS_REQS=scripts/requirements-ros.txt ;;
+  jazzy)
+    VENV=${BLUELM_JAZZY_VENV:-$CACHE_DIR/venv-jazzy}
+    WS=$ROOT/.ws-jazzy
+    ROS_REQS=scripts/requirements-ros-jazzy.txt ;;
+  *) echo "setup: BLUELM_ROS_DISTRO must be kilted or jazzy, not '$DISTRO'" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 cd "$ROOT"
 
-log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*"; }
+log() { printf '\033[1;34m[setup %s]\033[0m %s\n' "$DISTRO" "$*"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating venv $VENV"
@@ -20,11 +36,11 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
-REQS=(scripts/requirements-ros.txt scripts/requirements-runtime.txt scripts/requirements-dev.txt)
+REQS=("$ROS_REQS" scripts/requirements-runtime.txt scripts/requirements-dev.txt)
 STAMP="$VENV/.bluelm_reqs.sha"
 WANT=$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  log "installing Python packages (ROS 2 Kilted wheels, torch 2.13.0 CPU, onnxruntime, ...)"
+  log "installing Python packages (ROS 2 ${DISTRO^} wheels, torch 2.13.0 CPU, onnxruntime, ...)"
   # pip's "Location ... is ignored" lines about this machine's local indexes are noise.
   python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   python -m pip install -q -r "${REQS[0]}" -r "${REQS[1]}" -r "${REQS[2]}" 2>&1 | grep -v "is ignored" || true

@@ -1,9 +1,10 @@
 """A camera for demos and tests: replays synthetic scenes, an image folder or a video.
 
 Publishes sensor_msgs/Image on `image` (remap it) and, optionally, CompressedImage (JPEG)
-on `image/compressed`, at a fixed rate. Frames are decoded or rendered once and cached (up
-to `cache_frames`; a video contributes its first `cache_frames` frames), and each JPEG is
-encoded once, so the publish timer stays cheap even at high rates.
+on `<resolved image>/compressed` (it follows the remap, like image_transport), at a fixed
+rate. Frames are decoded or rendered once and cached (up to `cache_frames`; a video
+contributes its first `cache_frames` frames), and each JPEG is encoded once, so the publish
+timer stays cheap even at high rates.
 """
 import glob
 import os
@@ -76,8 +77,11 @@ class CameraSourceNode(Node):
         self.frames = load_frames(self.source, w, h, n, seed)
         qos = 10 if self.reliable else qos_profile_sensor_data
         self.pub = self.create_publisher(Image, 'image', qos)
-        self.pub_c = (self.create_publisher(CompressedImage, 'image/compressed', qos)
-                      if self.compressed else None)
+        # image_transport convention, as the nodes subscribe: '<resolved image>/compressed',
+        # so one remap of `image` moves both (a plain 'image/compressed' would not follow it).
+        self.pub_c = (self.create_publisher(
+            CompressedImage, self.resolve_topic_name('image') + '/compressed', qos)
+            if self.compressed else None)
         self.sent = 0
         self._compressed = {}  # frame index -> (format, jpeg bytes), encoded once
         self.timer = self.create_timer(1.0 / self.rate, self._tick)
