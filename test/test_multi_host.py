@@ -1,11 +1,15 @@
 """The nodes split across two machines over DDS, emulated with two network namespaces.
 
 A robot (camera source + segmentation node) and a compute box (scene QA node) are two
-network namespaces joined by a veth pair, each with its own /dev/shm and /etc/machine-id,
-so Fast DDS sees two hosts: nothing can go through shared memory between them, and there
-is no multicast route, so discovery works only through the unicast peers of the shipped
-profile (config/fastdds_multi_host.xml), set up as docs/multi-host.md tells a user. The
-test process itself joins no DDS domain: a probe process in each namespace
+network namespaces joined by a veth pair, each with its own /dev/shm and /etc/machine-id.
+Without those two, Fast DDS takes both namespaces for one host (its host id comes from the
+machine id) and moves the data through the shared /dev/shm, never touching the network;
+with them, everything between the hosts goes over UDP on the veth pair (the compute box's
+received bytes are checked). Every process runs with the shipped profile
+(config/fastdds_multi_host.xml: unicast discovery to the other host's address), set up as
+docs/multi-host.md tells a user. (The veth link also carries multicast, so the default
+discovery would find the other host here too; the profile is for networks that drop
+multicast.) The test process itself joins no DDS domain: a probe process in each namespace
 (multi_host_probe.py) receives masks and compressed frames and asks questions.
 
 Checked: masks reach the other host at the rate they reach a probe on the robot, questions
