@@ -48,7 +48,7 @@ class Probe:
     def __init__(self, name):
         self.node = rclpy.create_node(f'multi_host_probe_{name}')
         self.lock = threading.Lock()
-        self.masks = []  # (monotonic receive time, (height, width, encoding))
+        self.masks = []  # (monotonic receive time, (height, width, encoding), stamp, age ms)
         self.jpeg_stamps = {}  # stamp ns -> format, of the compressed camera frames seen
         self.node.create_subscription(Image, '/segmentation_node/mask', self._on_mask,
                                       RELIABLE)
@@ -63,7 +63,10 @@ class Probe:
 
     def _on_mask(self, msg):
         with self.lock:
-            self.masks.append((time.monotonic(), (msg.height, msg.width, msg.encoding)))
+            # One clock on both "hosts" here: receive time - camera stamp = frame-to-mask age.
+            age_ms = (time.time_ns() - stamp_ns(msg.header.stamp)) / 1e6
+            self.masks.append((time.monotonic(), (msg.height, msg.width, msg.encoding),
+                               stamp_ns(msg.header.stamp), age_ms))
 
     def _on_jpeg(self, msg):
         with self.lock:
@@ -81,8 +84,11 @@ class Probe:
             window = [m for m in self.masks if m[0] >= t0]
             shapes = sorted({str(m[1]) for m in window})
             jpegs = len(self.jpeg_stamps)
+            stamps = [m[2] for m in self.masks]
         return {'masks': len(window), 'rate': len(window) / seconds, 'shapes': shapes,
-                'compressed_frames_seen': jpegs}
+                'compressed_frames_seen': jpegs, 'window_stamps': [m[2] for m in window],
+                'all_stamps': stamps,
+                'mask_age_ms_median': sorted(m[3] for m in window)[len(window) // 2]}
 
     def ask(self, questions):
         if not self.client.wait_for_service(timeout_sec=WAIT):
