@@ -85,10 +85,12 @@ class Probe:
             shapes = sorted({str(m[1]) for m in window})
             jpegs = len(self.jpeg_stamps)
             stamps = [m[2] for m in self.masks]
-        return {'masks': len(window), 'rate': len(window) / seconds, 'shapes': shapes,
+        return {'masks': len(window), 'rate': len(window) / seconds if seconds else 0.0,
+                'shapes': shapes,
                 'compressed_frames_seen': jpegs, 'window_stamps': [m[2] for m in window],
                 'all_stamps': stamps,
-                'mask_age_ms_median': sorted(m[3] for m in window)[len(window) // 2]}
+                'mask_age_ms_median': (sorted(m[3] for m in window)[len(window) // 2]
+                                       if window else None)}
 
     def ask(self, questions):
         if not self.client.wait_for_service(timeout_sec=WAIT):
