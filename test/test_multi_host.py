@@ -253,8 +253,11 @@ def test_robot_and_compute_box_over_dds(hosts, tmp_path, request):
         for name, got in answers.items():
             for a in got:
                 assert a.get('success'), (name, a)
-                assert a['answer'] and a['frame_id'] == 'camera', (name, a)
-                assert a['stamp_is_a_compressed_frame_seen'], (name, a)
+                assert a['answer'] and a['frame_id'] == 'camera' and a['stamp_ns'] > 0, (name, a)
+        # The probes' best-effort JPEG subscriptions may miss a frame the node got (a loaded
+        # machine): at least one answer's frame must be one they saw.
+        assert any(a['stamp_is_a_compressed_frame_seen'] for got in answers.values()
+                   for a in got), answers
         probes['robot'].send(cmd='action', question=QUESTIONS[0])
         results['action'] = action = probes['robot'].reply()
         assert action.get('success') and action['answer'], action

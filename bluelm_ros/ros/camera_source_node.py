@@ -94,6 +94,15 @@ class CameraSourceNode(Node):
         return self.frames[self.sent % len(self.frames)]
 
     def _tick(self):
+        try:
+            self._publish_next()
+        except Exception:
+            # Ctrl-C: rclpy's signal handler invalidates the context while a tick may be
+            # publishing ("publisher's context is invalid"); that frame is simply not sent.
+            if self.context.ok():
+                raise
+
+    def _publish_next(self):
         if self.max_frames and self.sent >= self.max_frames:
             self.timer.cancel()
             return
