@@ -265,12 +265,14 @@ def run_model(name, args):
 def run_setup(args):
     """All models under one DDS set-up, in this process; return the result list."""
     profile = None
-    if args.dds == 'large_shm' and 'FASTDDS_DEFAULT_PROFILES_FILE' not in os.environ:
+    from bluelm_ros.ros.common import fastdds_profiles_variable
+    variable = fastdds_profiles_variable()  # Humble/Jazzy: FASTRTPS_..., Kilted: FASTDDS_...
+    if args.dds == 'large_shm' and variable not in os.environ:
         import tempfile
         fd, profile = tempfile.mkstemp(suffix='.xml', prefix='bench_seg_dds_')
         with os.fdopen(fd, 'w') as f:
             f.write(LARGE_SHM_PROFILE)
-        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = profile  # the camera inherits it
+        os.environ[variable] = profile  # the camera inherits it
     import rclpy
     rclpy.init()
     try:

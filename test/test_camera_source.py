@@ -110,6 +110,30 @@ def test_synthetic_source_encodings_and_compressed_copy(camera, encoding):
     assert comp.msgs[0].header.stamp == raw.msgs[0].header.stamp
 
 
+def test_compressed_copy_follows_the_image_remap(spin):
+    # image_transport convention (what the nodes subscribe to with input_type compressed):
+    # remapping `image` moves the JPEG copy to '<remapped>/compressed' too.
+    node = CameraSourceNode('cam', namespace='/cam_remap', cli_args=[
+        '--ros-args', '-r', 'image:=/cam_remap/front/image_raw'], parameter_overrides=[
+        Parameter('publish_compressed', value=True), Parameter('reliable', value=True),
+        Parameter('width', value=32), Parameter('height', value=24),
+        Parameter('rate', value=20.0), Parameter('cache_frames', value=1)])
+    probe = rclpy.create_node('cam_remap_probe')
+    comp = Inbox()
+    probe.create_subscription(CompressedImage, '/cam_remap/front/image_raw/compressed', comp,
+                              RELIABLE)
+    spinners = [spin(probe), spin(node)]
+    try:
+        assert node.pub.topic_name == '/cam_remap/front/image_raw'
+        assert node.pub_c.topic_name == '/cam_remap/front/image_raw/compressed'
+        assert wait_until(lambda: len(comp.msgs) >= 1)
+    finally:
+        for s in spinners:
+            s.stop()
+        node.destroy_node()
+        probe.destroy_node()
+
+
 def test_video_source(tmp_path):
     images = _images(4, 64, 96)
     path = str(tmp_path / 'clip.avi')

@@ -1,9 +1,10 @@
 """A camera for demos and tests: replays synthetic scenes, an image folder or a video.
 
 Publishes sensor_msgs/Image on `image` (remap it) and, optionally, CompressedImage (JPEG)
-on `image/compressed`, at a fixed rate. Frames are decoded or rendered once and cached (up
-to `cache_frames`; a video contributes its first `cache_frames` frames), and each JPEG is
-encoded once, so the publish timer stays cheap even at high rates.
+on `<resolved image>/compressed` (it follows the remap, like image_transport), at a fixed
+rate. Frames are decoded or rendered once and cached (up to `cache_frames`; a video
+contributes its first `cache_frames` frames), and each JPEG is encoded once, so the publish
+timer stays cheap even at high rates.
 """
 import glob
 import os
@@ -76,8 +77,11 @@ class CameraSourceNode(Node):
         self.frames = load_frames(self.source, w, h, n, seed)
         qos = 10 if self.reliable else qos_profile_sensor_data
         self.pub = self.create_publisher(Image, 'image', qos)
-        self.pub_c = (self.create_publisher(CompressedImage, 'image/compressed', qos)
-                      if self.compressed else None)
+        # image_transport convention, as the nodes subscribe: '<resolved image>/compressed',
+        # so one remap of `image` moves both (a plain 'image/compressed' would not follow it).
+        self.pub_c = (self.create_publisher(
+            CompressedImage, self.resolve_topic_name('image') + '/compressed', qos)
+            if self.compressed else None)
         self.sent = 0
         self._compressed = {}  # frame index -> (format, jpeg bytes), encoded once
         self.timer = self.create_timer(1.0 / self.rate, self._tick)
@@ -90,6 +94,15 @@ class CameraSourceNode(Node):
         return self.frames[self.sent % len(self.frames)]
 
     def _tick(self):
+        try:
+            self._publish_next()
+        except Exception:
+            # Ctrl-C: rclpy's signal handler invalidates the context while a tick may be
+            # publishing ("publisher's context is invalid"); that frame is simply not sent.
+            if self.context.ok():
+                raise
+
+    def _publish_next(self):
         if self.max_frames and self.sent >= self.max_frames:
             self.timer.cancel()
             return

@@ -11,6 +11,7 @@ Kilted wheels used for development.
 * ``RateMeter``, ``DiagnosticsPublisher``: ``diagnostic_msgs/DiagnosticArray`` on
   /diagnostics without ``diagnostic_updater`` (not available everywhere).
 * ``lifecycle_state``, ``lifecycle_autostart``, ``lifecycle_reconfigure``: lifecycle chores.
+* ``fastdds_profiles_variable``: FASTRTPS_/FASTDDS_DEFAULT_PROFILES_FILE, by Fast DDS version.
 * ``run_node``: the standard ``main()`` body (Ctrl-C and external shutdown without a
   traceback; worker threads stopped before ``rclpy.try_shutdown()``);
   ``stop_node_workers``: the first step of that shutdown, also used by ``Bringup``.
@@ -146,6 +147,29 @@ def latched_qos(depth=1):
     return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
                       reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+# --------------------------------------------------------------------------- Fast DDS
+
+
+def fastdds_profiles_variable(environ=None):
+    """Return the environment variable the installed Fast DDS reads its XML profile from.
+
+    Fast DDS 2 (Humble, Jazzy) reads only ``FASTRTPS_DEFAULT_PROFILES_FILE``; Fast DDS 3
+    (Kilted on) reads ``FASTDDS_DEFAULT_PROFILES_FILE``, and Kilted's rmw_fastrtps also
+    loads a file named by the old variable, so setting both there loads the profile twice
+    (XMLPARSER errors). Decided by which library the ROS prefixes hold (libfastrtps = 2).
+    """
+    import glob
+    import os
+    environ = os.environ if environ is None else environ
+    prefixes = [p for p in environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]
+    for prefix in prefixes + [sys.prefix]:
+        if glob.glob(os.path.join(prefix, 'lib', 'libfastrtps.so*')):
+            return 'FASTRTPS_DEFAULT_PROFILES_FILE'
+        if glob.glob(os.path.join(prefix, 'lib', 'libfastdds.so*')):
+            return 'FASTDDS_DEFAULT_PROFILES_FILE'
+    return 'FASTDDS_DEFAULT_PROFILES_FILE'
 
 
 # --------------------------------------------------------------------------- warnings
