@@ -384,12 +384,11 @@ def init_rclpy(args=None, signals=None):
     import rclpy
     try:
         from rclpy.signals import SignalHandlerOptions
-    except ImportError:
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except (ImportError, TypeError):  # before Humble: no options
         rclpy.init(args=args)
         if signals is not None:
             signals.install()
-        return
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
 
 
 # --------------------------------------------------------------------------- main()
