@@ -124,7 +124,7 @@ def test_a_burst_of_100_clients_is_queued_and_answered_once_each(
                 return answers.matching(lambda m: m.question.startswith('burst '))
             assert wait_until(lambda: len(published()) >= n, timeout=WAIT * 2), node.output()
             seconds = time.monotonic() - t0
-            wait_until(lambda: all(f.done() for f in futures), timeout=5.0)
+            wait_until(lambda: all(f.done() for f in futures), timeout=2.0)
             got = {i: f.result() for i, f in enumerate(futures) if f.done()}
             answered = published()
         finally:
