@@ -133,8 +133,9 @@ def run(args):
                           camera_topic=args.camera_topic,
                           segmentation=not args.no_segmentation,
                           scene_qa=not args.no_scene_qa,
-                          camera_source=args.camera_source).start()
-        signals.interruptible = False
+                          camera_source=args.camera_source)
+        signals.interruptible = False  # from here on, a signal means: stop in order
+        bringup.start()
         print(f'bringup: {", ".join(bringup.nodes)} running (params {params or "defaults"}); '
               'Ctrl-C to stop', flush=True)
         end = time.monotonic() + args.duration if args.duration > 0 else float('inf')
