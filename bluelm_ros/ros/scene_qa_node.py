@@ -44,6 +44,9 @@ from bluelm_ros.runtime.vlm.bundle import BundleError
 from bluelm_ros.runtime.vlm.engine import VLMEngine
 
 FEEDBACK_DEPTH = 100
+# ~/answer logs every answer: a queued burst of 100 is answered within seconds, so keep
+# that many for a subscriber that takes them late (answers are small).
+ANSWER_DEPTH = 128
 # Seconds the action server keeps a finished goal (its result) for a client's late
 # get_result: clients ask right after the goal is accepted, and rclpy's default (10 s on
 # Kilted, 900 s on Humble) keeps every goal request, image included, that long.
@@ -82,7 +85,8 @@ class SceneQANode(LifecycleNode):
         self.executor_threads = int(self._param('queue_size')) + 4
         group = ReentrantCallbackGroup()
         # Interfaces exist in every state; requests while not active get "not_ready".
-        self._answer_pub = self.create_publisher(self.msg.SceneAnswer, '~/answer', 10)
+        self._answer_pub = self.create_publisher(self.msg.SceneAnswer, '~/answer',
+                                                 ANSWER_DEPTH)
         # Requests are kept until the executor takes them (KEEP_ALL): with the default
         # keep-last-10 service QoS a burst of more than 10 calls silently loses the oldest.
         requests = _request_qos()
