@@ -59,6 +59,7 @@ def bench_one(variant, size, threads, rounds, images):
     torch.set_num_threads(threads)
     xt = torch.from_numpy(x)
     seg32, seg8 = Segmenter(fp32, threads=threads), Segmenter(int8, threads=threads)
+    seg8_spin = Segmenter(int8, threads=threads, spinning=True)  # the node's `spinning`
 
     def eager():
         with torch.no_grad():
@@ -68,6 +69,7 @@ def bench_one(variant, size, threads, rounds, images):
         'torch eager fp32 (BN folded)': eager,
         'ORT fp32': lambda: seg32.session.run(['mask'], {'image': x}),
         'ORT int8': lambda: seg8.session.run(['mask'], {'image': x}),
+        'ORT int8 spinning': lambda: seg8_spin.session.run(['mask'], {'image': x}),
         'ORT int8 end to end': lambda: seg8.segment(images[1]),
     }, rounds=rounds, calls=2, warmup=1)
     agree_torch, agree_int8 = [], []
@@ -85,6 +87,7 @@ def bench_one(variant, size, threads, rounds, images):
            'bn_folded_in_eager': folded, 'timing': comp.to_dict(),
            'speedup_ort_fp32': speed['ORT fp32']['median_of_rounds'],
            'speedup_ort_int8': speed['ORT int8']['median_of_rounds'],
+           'speedup_ort_int8_spinning': speed['ORT int8 spinning']['median_of_rounds'],
            'argmax_agreement_ort_fp32_vs_torch': float(np.mean(agree_torch)),
            'pixel_agreement_int8_vs_fp32': float(np.mean(agree_int8)),
            'file_mb': {'fp32': os.path.getsize(fp32) / 2**20,

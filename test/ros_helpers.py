@@ -66,6 +66,21 @@ class NodeProcess:
         code = f'from {module} import main; main()'
         return cls([sys.executable, '-c', code, '--ros-args', *ros_args], log_path, cwd)
 
+    @classmethod
+    def scene_qa(cls, ns, bundle, tmp_path, *params):
+        """The scene-QA node executable in namespace /ns on ``bundle``, one ORT thread."""
+        return cls.node('bluelm_ros.ros.scene_qa_node', tmp_path / f'{ns}.log', tmp_path,
+                        '-r', f'__ns:=/{ns}', '-p', f'bundle_path:={bundle}',
+                        '-p', 'threads:=1', *params)
+
+    def rss_mb(self):
+        """Resident memory of the process in MB (Linux /proc)."""
+        with open(f'/proc/{self.proc.pid}/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError('no VmRSS')
+
     def output(self):
         self.log.seek(0)
         return self.log.read()

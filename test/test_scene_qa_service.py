@@ -187,3 +187,35 @@ def test_no_frame_bad_frames_and_bad_questions(harness):
     answer = service.ask('about this ?', image=frame(8))  # a request image needs no camera
     assert answer.success
     assert service.counters['error.no_image'] == 2 and service.counters['answered'] == 1
+
+
+def test_an_answer_cut_to_nothing_by_a_stop_string_is_an_error(harness):
+    h = harness(eager_encoding=False)
+    service = h.start()
+    image = frame(9)
+    full = service.ask('what is this ?', image=image, generation=Generation(max_new_tokens=8))
+    assert full.success and full.text, full
+    # A stop string that is the answer's first character: nothing comes before it.
+    stop = full.text[0]
+    cut = service.ask('what is this ?', image=image,
+                      generation=Generation(max_new_tokens=8, stop_strings=(stop,)))
+    assert not cut.success and cut.error_code == 'empty_answer', cut
+    assert 'stop string' in cut.error_message and repr(stop) in cut.error_message
+    assert service.counters['error.empty_answer'] == 1
+
+
+def test_stop_answers_the_queue_at_once_and_no_answered_job_keeps_its_image(harness, engine):
+    h = harness(queue_size=4)
+    service = h.start()
+    service.put_frame((frame(10), 'f'))
+    service.engine = SlowEngine(engine, 0.05)
+    long = Generation(max_new_tokens=400)
+    running = service.submit('long', image=frame(11), generation=long,
+                             on_text=lambda *a: None)
+    assert wait_until(lambda: service.status().running)
+    queued = [service.submit(f'queued {i}', image=frame(12 + i)) for i in range(3)]
+    service.stop('stopping')
+    for job in [running] + queued:
+        assert job.answer.error_code == 'not_ready', job.answer
+        assert job.image is None and job.on_text is None and job.on_stage is None
+    assert len(h.answers) == 4

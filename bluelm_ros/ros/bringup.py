@@ -10,7 +10,6 @@ launch file, and share one multi-threaded executor.
 import argparse
 import os
 import sys
-import threading
 import time
 
 DEFAULT_PARAMS = 'bluelm_ros.yaml'
@@ -85,31 +84,24 @@ class Bringup:
     """The node set spinning on one MultiThreadedExecutor in a background thread."""
 
     def __init__(self, **kwargs):
-        from rclpy.executors import MultiThreadedExecutor
+        from bluelm_ros.ros.common import SpinThread, make_executor
         self.nodes = create_nodes(**kwargs)
         # each node gets the threads it would get alone (run_node), plus a few to share
         threads = 4 + sum(getattr(n, 'executor_threads', 2) for n in self.nodes.values())
-        self.executor = MultiThreadedExecutor(num_threads=threads)
+        self.executor = make_executor(threads)
         for node in self.nodes.values():
             self.executor.add_node(node)
-        self.thread = threading.Thread(target=self.executor.spin, name='bringup_executor',
-                                       daemon=True)
+        self.thread = SpinThread(self.executor, 'bringup_executor')
 
     def start(self):
         self.thread.start()
         return self
 
     def stop(self):
-        """Release waiting requests, stop the executor, then destroy the nodes."""
-        from bluelm_ros.ros.common import stop_node_workers
-        for node in self.nodes.values():
-            stop_node_workers(node)
-        self.executor.shutdown(timeout_sec=2.0)
-        if self.thread.ident is not None:
-            self.thread.join(timeout=5.0)
-        for node in self.nodes.values():
-            node.destroy_node()
-        self.nodes = {}
+        """Answer pending requests (replies sent), stop the executor, destroy the nodes."""
+        from bluelm_ros.ros.common import stop_spinning
+        nodes, self.nodes = list(self.nodes.values()), {}
+        stop_spinning(nodes, self.executor, self.thread)
 
 
 def add_arguments(p):
@@ -126,34 +118,43 @@ def add_arguments(p):
 
 def run(args):
     import rclpy
-    from rclpy.executors import ExternalShutdownException
+    from bluelm_ros.ros.common import ShutdownSignals, init_rclpy
     params = args.params if args.params is not None else default_params_file()
     if params and not os.path.isfile(params):
         print(f'bringup: parameters file not found: {params}', file=sys.stderr)
         return 2
-    rclpy.init()
+    signals = ShutdownSignals().install()  # as run_node: rclpy installs no handlers
+    init_rclpy(signals=signals)
     bringup = None
     code = 0
     try:
+        signals.interruptible = True
         bringup = Bringup(params=params, namespace=args.namespace,
                           camera_topic=args.camera_topic,
                           segmentation=not args.no_segmentation,
                           scene_qa=not args.no_scene_qa,
-                          camera_source=args.camera_source).start()
+                          camera_source=args.camera_source)
+        signals.interruptible = False  # from here on, a signal means: stop in order
+        bringup.start()
         print(f'bringup: {", ".join(bringup.nodes)} running (params {params or "defaults"}); '
               'Ctrl-C to stop', flush=True)
         end = time.monotonic() + args.duration if args.duration > 0 else float('inf')
-        while time.monotonic() < end and rclpy.ok():
-            time.sleep(0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
+        reason = signals.wait(until=lambda: (time.monotonic() >= end or not rclpy.ok()
+                                             or not bringup.thread.is_alive()))
+        if reason:
+            print(f'bringup: {reason}: answering pending requests, stopping', flush=True)
+    except KeyboardInterrupt:  # a signal while the nodes were starting
         pass
     except Exception as exc:  # e.g. a bad value in the YAML: one clear line, exit code 1
         print(f'bringup: failed to start: {exc}', file=sys.stderr)
         code = 1
     finally:
+        signals.interruptible = False
         if bringup is not None:
             bringup.stop()
         rclpy.try_shutdown()
+    if bringup is not None and bringup.thread.error is not None:
+        raise bringup.thread.error  # a callback raised: as spin() would have
     return code
 
 
@@ -162,8 +163,10 @@ def main(argv=None):
     from rclpy.utilities import remove_ros_args
     parser = argparse.ArgumentParser(prog='bringup', description=__doc__.splitlines()[0])
     add_arguments(parser)
-    sys.exit(run(parser.parse_args(remove_ros_args(argv if argv is not None
-                                                   else sys.argv)[1:])))
+    code = run(parser.parse_args(remove_ros_args(argv if argv is not None
+                                                 else sys.argv)[1:]))
+    from bluelm_ros.ros.common import exit_process
+    exit_process(code)  # the interpreter's teardown would take another second
 
 
 if __name__ == '__main__':

@@ -127,8 +127,7 @@ class CameraSourceNode(Node):
 
 def main(args=None):
     """Entry point of `ros2 run bluelm_ros camera_source_node`."""
-    import sys
-    sys.exit(common.run_node(CameraSourceNode, args=args))
+    common.exit_process(common.run_node(CameraSourceNode, args=args))
 
 
 if __name__ == '__main__':

@@ -12,10 +12,14 @@ Kilted wheels used for development.
   /diagnostics without ``diagnostic_updater`` (not available everywhere).
 * ``lifecycle_state``, ``lifecycle_autostart``, ``lifecycle_reconfigure``: lifecycle chores.
 * ``fastdds_profiles_variable``: FASTRTPS_/FASTDDS_DEFAULT_PROFILES_FILE, by Fast DDS version.
-* ``run_node``: the standard ``main()`` body (Ctrl-C and external shutdown without a
-  traceback; worker threads stopped before ``rclpy.try_shutdown()``);
-  ``stop_node_workers``: the first step of that shutdown, also used by ``Bringup``.
+* ``ShutdownSignals``, ``init_rclpy``: SIGINT/SIGTERM handled by the process, not by
+  rclpy (the context stays up until every pending request is answered).
+* ``run_node``: the standard ``main()`` body; ``stop_spinning``: its shutdown order (answer
+  what the nodes hold, let the replies go out, stop the executor, destroy), also used by
+  ``Bringup``; ``exit_process``: the end of ``main()``.
 """
+import os
+import signal
 import sys
 import threading
 import time
@@ -348,7 +352,98 @@ def lifecycle_reconfigure(node, parameters=()):
     return True, f'reconfigured ({lifecycle_state(node)})'
 
 
+# --------------------------------------------------------------------------- signals
+
+
+class ShutdownSignals:
+    """SIGINT and SIGTERM as a request to stop, however many arrive and whenever.
+
+    rclpy's own handler shuts the context down at the first signal, before a node can
+    answer what it holds (action results can no longer be sent), and a second SIGINT
+    raises KeyboardInterrupt wherever the main thread is, e.g. in cleanup. Here a signal
+    only records itself; the main thread sees ``received`` and shuts down in order.
+    Repeats are recorded and change nothing. While ``interruptible`` (start-up: loading a
+    model can take a while) the first signal raises KeyboardInterrupt instead.
+
+    The handler sets no lock (a handler runs between two bytecodes of the main thread,
+    which may hold that lock); the main thread polls (``wait``).
+    """
+
+    NAMES = ('SIGINT', 'SIGTERM')
+
+    def __init__(self):
+        self.received = []  # signal numbers, in arrival order
+        self.interruptible = False
+
+    def install(self):
+        """Handle SIGINT/SIGTERM from now on (main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                signal.signal(getattr(signal, name), self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame):
+        self.received.append(signum)
+        if self.interruptible and len(self.received) == 1:
+            raise KeyboardInterrupt  # start-up: nothing to answer yet
+
+    @property
+    def first(self):
+        """Name of the first signal received, or None."""
+        return signal.Signals(self.received[0]).name if self.received else None
+
+    def wait(self, until=lambda: False, poll=0.05):
+        """Sleep until a signal arrives or ``until()`` is true; return ``first``."""
+        while not self.received and not until():
+            time.sleep(poll)
+        return self.first
+
+
+def init_rclpy(args=None, signals=None):
+    """``rclpy.init`` without rclpy's signal handlers (``signals`` handles them).
+
+    ``signal_handler_options`` exists from Humble on; older rclpy installs its handlers in
+    init, so ``signals`` is installed again afterwards, replacing them.
+    """
+    import rclpy
+    try:
+        from rclpy.signals import SignalHandlerOptions
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except (ImportError, TypeError):  # before Humble: no options
+        rclpy.init(args=args)
+        if signals is not None:
+            signals.install()
+
+
 # --------------------------------------------------------------------------- main()
+
+# After the nodes answered what they held: time for the executor to send the replies and
+# action results it still has (and for the clients' get_result requests of the last
+# goals), before it stops. Exit within 2 s of a signal: drain + this + destroy.
+REPLY_FLUSH_SEC = 0.25
+DRAIN_SEC = 1.0
+
+
+class InFlight:
+    """Counts callbacks still answering a request (``with in_flight:`` around each).
+
+    A node's ``replies_pending()`` returns ``count``: ``stop_spinning`` waits for it to
+    drop to zero before it stops the executor, so no reply is cut off.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def __enter__(self):
+        with self._lock:
+            self.count += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.count -= 1
+        return False
 
 
 def stop_node_workers(node):
@@ -367,53 +462,133 @@ def stop_node_workers(node):
               file=sys.stderr)
 
 
+def wait_replies_sent(nodes, timeout=DRAIN_SEC, flush=REPLY_FLUSH_SEC):
+    """Wait (bounded) until no node has a callback still answering, then ``flush`` more.
+
+    Nodes that answer requests count their answering callbacks in ``replies_pending()``
+    (the scene QA node does); the executor must still spin, so the replies go out. Nodes
+    without it (publishers only) are not waited for.
+    """
+    counters = [n.replies_pending for n in nodes if hasattr(n, 'replies_pending')]
+    if not counters:
+        return
+    deadline = time.monotonic() + timeout
+    while sum(count() for count in counters) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(flush)
+
+
+def stop_spinning(nodes, executor, thread=None):
+    """Shut down in order: answer what the nodes hold, let the replies out, stop, destroy.
+
+    ``executor`` spins ``nodes`` (in ``thread``, if given) and the context is still up:
+    pending service calls and action goals get their replies before anything is torn
+    down. Then the executor stops (its threads are free by then), the nodes are destroyed.
+    """
+    nodes = [n for n in nodes if n is not None]
+    for node in nodes:
+        stop_node_workers(node)
+    if executor is not None:
+        wait_replies_sent(nodes)
+        executor.shutdown(timeout_sec=2.0)
+    if thread is not None and thread.ident is not None:
+        thread.join(timeout=2.0)
+    for node in nodes:
+        try:
+            node.destroy_node()
+        except Exception as exc:  # never mask the exit with a cleanup problem
+            print(f'destroy_node: {exc}', file=sys.stderr)
+
+
+class SpinThread(threading.Thread):
+    """``executor.spin()`` in a daemon thread; an exception from a callback is kept."""
+
+    def __init__(self, executor, name='executor'):
+        super().__init__(target=self._spin, name=name, daemon=True)
+        self.executor = executor
+        self.error = None
+
+    def _spin(self):
+        from rclpy.executors import ExternalShutdownException
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+        except BaseException as exc:  # re-raised by the main thread after the cleanup
+            self.error = exc
+
+
+def make_executor(threads):
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+    if threads > 1:
+        return MultiThreadedExecutor(num_threads=threads)
+    return SingleThreadedExecutor()
+
+
+def exit_process(code):
+    """End the process with ``code`` now: the last line of an executable's ``main()``.
+
+    Call it after ``run_node`` (or ``bringup.run``) returned, when rclpy is shut down and
+    the nodes are destroyed. The interpreter's own teardown after that (a full GC and the
+    C++ destructors of ONNX Runtime, OpenCV and the DDS libraries) took 0.7-1.2 s on the
+    loaded 2-core machine, and a process manager allows ~2 s after SIGINT/SIGTERM;
+    nothing in it matters any more. The Python and C output streams are flushed first.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed stream: nothing to flush
+            pass
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)  # C stdio (rcutils logging) of this process
+    except Exception:  # not glibc/musl: the C streams are line-buffered anyway
+        pass
+    os._exit(int(code))
+
+
 def run_node(node_factory, args=None, executor_threads=1):
-    """Create a node and spin it until Ctrl-C or shutdown; return an exit code.
+    """Create a node and spin it until SIGINT/SIGTERM or shutdown; return an exit code.
 
     The executor gets ``node.executor_threads`` threads if the node sets that attribute
     (the scene QA node: ``queue_size + 4``), else ``executor_threads``; more than one
-    gives a MultiThreadedExecutor. The node's ``destroy_node`` must stop its own threads
-    (bounded join). Order on exit: ``node.stop_workers()`` (if any), executor shutdown,
-    destroy_node, ``rclpy.try_shutdown()``: spinning executors or live threads at rclpy
-    shutdown abort the interpreter with the PyPI wheels.
+    gives a MultiThreadedExecutor. It spins in a thread while the main thread waits for a
+    signal (``ShutdownSignals``; rclpy installs none), then ``stop_spinning``: pending
+    requests answered and their replies sent while the context is still up, executor
+    stopped, node destroyed, ``rclpy.try_shutdown()``. Further signals change nothing:
+    exit code 0, no traceback. The node's ``destroy_node`` must stop its own threads
+    (bounded join): live threads at rclpy shutdown abort the interpreter with the wheels.
     """
     import rclpy
-    from rclpy.executors import (ExternalShutdownException, MultiThreadedExecutor,
-                                 SingleThreadedExecutor)
+    from rclpy.executors import ExternalShutdownException
 
-    rclpy.init(args=args)
-    node = executor = None
-    code = 0
+    signals = ShutdownSignals().install()
+    init_rclpy(args, signals)
+    node = executor = spinner = None
     try:
+        signals.interruptible = True
         try:
             node = node_factory()
         except (KeyboardInterrupt, ExternalShutdownException):
-            raise
+            return 0
         except Exception as exc:  # e.g. a bad -p value: one clear line, exit code 1
             print(f'[{getattr(node_factory, "__name__", "node")}] failed to start: {exc}',
                   file=sys.stderr)
             return 1
-        executor_threads = int(getattr(node, 'executor_threads', executor_threads))
-        if executor_threads > 1:
-            executor = MultiThreadedExecutor(num_threads=executor_threads)
-        else:
-            executor = SingleThreadedExecutor()
+        finally:
+            signals.interruptible = False
+        executor = make_executor(int(getattr(node, 'executor_threads', executor_threads)))
         executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        spinner = SpinThread(executor, f'{node.get_name()}_executor')
+        spinner.start()
+        if signals.wait(until=lambda: not spinner.is_alive()):
+            node.get_logger().info(f'{signals.first}: answering pending requests, stopping')
     finally:
-        if node is not None:
-            stop_node_workers(node)
-        if executor is not None:
-            executor.shutdown(timeout_sec=2.0)
-        if node is not None:
-            try:
-                node.destroy_node()
-            except Exception as exc:  # the context may already be gone after SIGINT
-                print(f'destroy_node: {exc}', file=sys.stderr)
+        stop_spinning([node], executor, spinner)
         try:
             rclpy.try_shutdown()
         except Exception as exc:  # it also destroys a node whose __init__ failed half-way
             print(f'rclpy shutdown: {exc!r}', file=sys.stderr)
-    return code
+    if spinner is not None and spinner.error is not None:
+        raise spinner.error  # a callback raised: as if spin() had raised it here
+    return 0

@@ -29,24 +29,39 @@ def request_image(req, max_pixels):
     return None
 
 
-def generation(opts, default):
-    """Merge a GenerationOptions message (negative field = default) into ``default``.
+def drop_request_images(req):
+    """Replace a request's image fields by empty ones (frees their pixel data)."""
+    req.image = type(req.image)()
+    req.compressed_image = type(req.compressed_image)()
 
-    Raises RequestError('bad_request') for a value outside its range (NaN included).
+
+# The one value of a GenerationOptions field that means "the node's default" (the
+# message's default). Any other negative value is a mistake, refused rather than guessed.
+USE_DEFAULT = -1
+
+
+def generation(opts, default):
+    """Merge a GenerationOptions message (field -1 = default) into ``default``.
+
+    Raises RequestError('bad_request') for a value outside its range (NaN, -inf and
+    negatives other than -1 included).
     """
     if opts is None:
         return default
     values = {}
     for name, (lo, hi) in GENERATION_LIMITS.items():
         value = getattr(opts, name)
-        if value < 0:
+        if value == USE_DEFAULT:
             continue
         # written so that NaN fails too
         if not lo <= value <= hi or (name == 'top_p' and value == 0.0):
             what = '(0, 1]' if name == 'top_p' else f'[{lo}, {hi}]'
             raise RequestError('bad_request', f'options.{name} = {value} is outside '
-                               f'{what} (negative = node default)')
+                               f'{what} (-1 = node default)')
         values[name] = value
+    if opts.seed < 0 and opts.seed != USE_DEFAULT:
+        raise RequestError('bad_request', f'options.seed = {opts.seed}: use >= 0 for '
+                           'reproducible sampling or -1 for a random seed')
     seed = int(opts.seed) if opts.seed >= 0 else None
     return dataclasses.replace(default, **values, seed=seed,
                                stop_strings=tuple(s for s in opts.stop if s))

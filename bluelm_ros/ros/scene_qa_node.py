@@ -37,12 +37,20 @@ from bluelm_ros.ros.scene_qa_parameters import (BUNDLE_HINT, CHOICES, DEFAULT_BU
                                                 MODEL_PARAMS, SUBSCRIPTION_PARAMS)
 from bluelm_ros.runtime import shipped_models
 from bluelm_ros.runtime.image import to_rgb_uint8
+from bluelm_ros.runtime.memory import limit_heap_retention
 from bluelm_ros.runtime.ort_session import ModelFileError
 from bluelm_ros.runtime.scene_qa_service import RequestError, SceneQAService
 from bluelm_ros.runtime.vlm.bundle import BundleError
 from bluelm_ros.runtime.vlm.engine import VLMEngine
 
 FEEDBACK_DEPTH = 100
+# ~/answer logs every answer: a queued burst of 100 is answered within seconds, so keep
+# that many for a subscriber that takes them late (answers are small).
+ANSWER_DEPTH = 128
+# Seconds the action server keeps a finished goal (its result) for a client's late
+# get_result: clients ask right after the goal is accepted, and rclpy's default (10 s on
+# Kilted, 900 s on Humble) keeps every goal request, image included, that long.
+RESULT_TIMEOUT = 5
 
 
 def _request_qos():
@@ -64,6 +72,7 @@ class SceneQANode(LifecycleNode):
         # (a bad -p value in _declare_parameters).
         self._subs = []
         self._action_server = None
+        self._in_flight = common.InFlight()  # service calls and goals being answered
         self.engine = None
         self.bundle_path = self.configure_error = self.input_topic = self.scene_context = ''
         self.last_frame_header = None  # header of the newest received frame
@@ -71,10 +80,13 @@ class SceneQANode(LifecycleNode):
         self.service = SceneQAService(self._settings, self._decode_frame,
                                       on_answer=self._publish_answer, warn=self.warnings.warn)
         parameters.declare(self)
+        if self._param('heap_mmap_threshold'):  # request images: memory back when freed
+            limit_heap_retention(self._param('heap_mmap_threshold'))
         self.executor_threads = int(self._param('queue_size')) + 4
         group = ReentrantCallbackGroup()
         # Interfaces exist in every state; requests while not active get "not_ready".
-        self._answer_pub = self.create_publisher(self.msg.SceneAnswer, '~/answer', 10)
+        self._answer_pub = self.create_publisher(self.msg.SceneAnswer, '~/answer',
+                                                 ANSWER_DEPTH)
         # Requests are kept until the executor takes them (KEEP_ALL): with the default
         # keep-last-10 service QoS a burst of more than 10 calls silently loses the oldest.
         requests = _request_qos()
@@ -88,7 +100,8 @@ class SceneQANode(LifecycleNode):
             cancel_service_qos_profile=requests,
             # one feedback per token: a deeper history so a burst is not overwritten before
             # a client takes it (clients joining new_text need every one)
-            feedback_pub_qos_profile=QoSProfile(depth=FEEDBACK_DEPTH))
+            feedback_pub_qos_profile=QoSProfile(depth=FEEDBACK_DEPTH),
+            result_timeout=RESULT_TIMEOUT)
         self.create_subscription(String, '~/question', self._on_question, requests,
                                  callback_group=group)
         self.diagnostics = common.DiagnosticsPublisher(self, f'{self.get_name()}: scene_qa')
@@ -186,10 +199,15 @@ class SceneQANode(LifecycleNode):
     def stop_workers(self):
         """Stop taking requests and answer every pending one (before executor shutdown).
 
-        ``common.run_node`` and ``Bringup.stop`` call this first, so service and action
-        callbacks waiting for an answer return and the executor can shut down at once.
+        ``common.stop_spinning`` (``run_node``, ``Bringup.stop``) calls this first, while
+        the executor still spins, so service and action callbacks waiting for an answer
+        return and their replies go out; then it waits for ``replies_pending``.
         """
         self._stop('the node is shutting down')
+
+    def replies_pending(self):
+        """Service calls and action goals whose callback has not returned its reply yet."""
+        return self._in_flight.count
 
     def _stop(self, reason):
         self.service.stop(reason)
@@ -233,6 +251,7 @@ class SceneQANode(LifecycleNode):
         if request is not None:
             image, tag = (messages.request_image(request, self._param('max_input_pixels'))
                           or (None, None))
+            messages.drop_request_images(request)  # decoded: the message's copy can go
         try:
             return self.service.submit(question, image=image, image_tag=tag,
                                        generation=generation, on_text=on_text,
@@ -282,10 +301,19 @@ class SceneQANode(LifecycleNode):
             self.service.reject(msg.data, 'internal', f'{type(exc).__name__}: {exc}')
 
     def _on_ask(self, request, response):
-        return messages.fill_result(response, self._answer_msg(request))
+        with self._in_flight:
+            return messages.fill_result(response, self._answer_msg(request))
 
     def _on_goal_execute(self, goal_handle):
-        answer = self._answer_msg(goal_handle.request, goal_handle)
+        with self._in_flight:
+            return self._execute_goal(goal_handle)
+
+    def _execute_goal(self, goal_handle):
+        try:
+            answer = self._answer_msg(goal_handle.request, goal_handle)
+        finally:
+            # The server keeps the goal request until the result expires: not its image.
+            messages.drop_request_images(goal_handle.request)
         result = messages.fill_result(self.action.AskScene.Result(), answer)
         try:
             # CANCELING -> SUCCEEDED/ABORTED is allowed: a cancel that came too late to stop
@@ -356,9 +384,7 @@ class SceneQANode(LifecycleNode):
 
 def main(args=None):
     """Entry point of `ros2 run bluelm_ros scene_qa_node`."""
-    code = common.run_node(SceneQANode, args=args)
-    if code:
-        raise SystemExit(code)
+    common.exit_process(common.run_node(SceneQANode, args=args))
 
 
 if __name__ == '__main__':

@@ -16,6 +16,16 @@ DEFAULT_BUNDLE_HINT = (
     f'`{EXPORT_COMMAND} runs/scene-tiny bluelm_ros/models/vlm/scene-tiny` and '
     'scripts/setup.sh), or set bundle_path to another bundle folder.')
 INPUT_TYPES = ('raw', 'compressed')
+# A burst of 100 requests (a fleet's clients at once) waits instead of getting "busy": an
+# instant "busy" reply to every client is what overflows default (keep-last-10) clients.
+# Each waiting request holds an idle executor thread (rclpy services cannot answer later
+# from another thread); the thread pool only grows to what is used.
+QUEUE_SIZE = 128
+# Measured, 100 goals with a 1280x720 image (10 at a time): RSS +60 MB and growing with
+# glibc's dynamic threshold (malloc_trim when idle did not help: fragmented arenas), flat
+# (+3 MB) with 1 MB. The price: page faults on big buffers (the 3B decoder's prefill was
+# ~15 % slower with it, see runtime/memory.py); 0 turns it off.
+HEAP_MMAP_THRESHOLD = 1 << 20
 # Applied when the bundle is loaded (configure): changeable only while unconfigured.
 MODEL_PARAMS = ('bundle_path', 'vision_precision', 'decoder_precision', 'providers', 'threads',
                 'prefill_chunk')
@@ -62,9 +72,10 @@ def declare(node):
     p(node, 'generation.top_k', 0, 'Default top-k (0 = off).', value_range=(0, 100000))
     p(node, 'generation.top_p', 1.0, 'Default nucleus mass (1 = off).',
       value_range=(0.0, 1.0))
-    p(node, 'queue_size', 8,
+    p(node, 'queue_size', QUEUE_SIZE,
       'Requests waiting for the model (the running one not counted); more get "busy". '
-      'The executor of run_node gets queue_size + 4 threads.',
+      'Each waiting service call or goal holds an executor thread: run_node gives the '
+      'executor queue_size + 4 threads.',
       value_range=(1, 256), read_only=True)
     p(node, 'request_timeout', 60.0,
       'Seconds a request may wait + run before "timeout" (a running answer stops at the '
@@ -81,6 +92,11 @@ def declare(node):
       'Add the segmentation class shares (scene_context topic, bluelm_ros/ClassStats) to '
       'the system prompt. The shipped model was not trained with it: use it with models '
       'that were. Change while inactive.')
+    p(node, 'heap_mmap_threshold', HEAP_MMAP_THRESHOLD,
+      'Bytes: larger allocations (request images, their decoded copies) get their own '
+      'memory mapping, returned to the OS when freed (glibc mallopt, process-wide). 0: '
+      "glibc's default, whose threshold grows to the largest block freed and keeps "
+      'request images on heaps that only grow.', value_range=(0, 64 << 20), read_only=True)
     p(node, 'diagnostics_period', 1.0, 'Seconds between /diagnostics messages.',
       value_range=(0.1, 60.0), read_only=True)
 

@@ -463,9 +463,7 @@ class SegmentationNode(LifecycleNode):
 
 def main(args=None):
     """Entry point of `ros2 run bluelm_ros segmentation_node`."""
-    code = common.run_node(SegmentationNode, args=args)
-    if code:
-        raise SystemExit(code)
+    common.exit_process(common.run_node(SegmentationNode, args=args))
 
 
 if __name__ == '__main__':

@@ -32,7 +32,7 @@ from bluelm_ros.runtime.vlm.results import ContextOverflowError, Timings
 from bluelm_ros.runtime.workers import LatestSlot, WorkerThread
 
 ERRORS = ('no_image', 'bad_request', 'bad_image', 'busy', 'timeout', 'cancelled',
-          'not_ready', 'internal')
+          'not_ready', 'empty_answer', 'internal')
 # (min, max) of each generation setting a request may choose
 GENERATION_LIMITS = {'max_new_tokens': (1, 4096), 'temperature': (0.0, 5.0),
                      'top_k': (0, 100000), 'top_p': (0.0, 1.0)}
@@ -43,6 +43,20 @@ TIMEOUT_GRACE = 5.0
 # one service's frame for another's.
 _frame_ids = itertools.count(1)
 log = logging.getLogger(__name__)
+
+
+def empty_answer_reason(stop_reason, stop_strings):
+    """Say why generation gave no text (an empty answer is never a success).
+
+    A client could not tell an empty success from a lost answer, and a stop string that
+    matches at once usually means the stop strings, not the model, are wrong.
+    """
+    if stop_reason == 'stop_string':
+        return (f'the answer began with a stop string (stop = {list(stop_strings)!r}): '
+                'nothing came before it')
+    if stop_reason == 'eos':
+        return 'the model ended the answer before any text'
+    return f'no text generated (stopped by {stop_reason})'
 
 
 class RequestError(Exception):
@@ -192,26 +206,29 @@ class SceneQAService:
         with self._cv:
             self._accepting = True
 
-    def stop(self, reason):
-        """Stop taking questions and answer every pending one "not_ready" with ``reason``."""
+    def stop(self, reason, timeout=2.0):
+        """Stop taking questions and answer every pending one "not_ready" with ``reason``.
+
+        Queued questions are answered at once; the running one stops at its next token
+        (the worker is given ``timeout`` seconds, then it is answered anyway).
+        """
         worker, self._worker = self._worker, None
         with self._cv:
             self._accepting = False
             if worker is not None:
                 worker.stop_event.set()  # the worker pops jobs under this lock: no new one
             current = self._current
+            queued, self._queue = list(self._queue), collections.deque()
+        for job in queued:
+            self._finish(job, error=('not_ready', reason))
         if current is not None:
             current.stage = 'shutdown'
             current.cancel.set()  # the generation stops at the next token
-        if worker is not None and not worker.stop(timeout=2.0):
+        if worker is not None and not worker.stop(timeout=timeout):
             self.warn('stop', 'scene QA worker still finishing a model call')
         self._slot.clear()
-        with self._cv:
-            pending, self._queue = list(self._queue), collections.deque()
-        if current is not None:
-            pending.append(current)  # no-op if the worker finished it
-        for job in pending:
-            self._finish(job, error=('not_ready', reason))
+        if current is not None:  # no-op if the worker finished it
+            self._finish(current, error=('not_ready', reason))
         self._newest = self._encoded = None
 
     @property
@@ -425,8 +442,11 @@ class SceneQAService:
         job.stage = 'running'
         queue_ms = (time.monotonic() - job.t_submit) * 1e3
         frame, system = None, settings.system_prompt
-        if job.image is not None:
-            image, tag, key = job.image, job.image_tag, None  # keyed by its pixels
+        image = job.image  # read once: answering the job (e.g. stop) clears it
+        if job.done.is_set():
+            return None
+        if image is not None:
+            tag, key = job.image_tag, None  # keyed by its pixels
         else:
             frame = self._frame_for_question(settings.eager_encoding)
             if frame is None:
@@ -446,9 +466,10 @@ class SceneQAService:
                 tokens[0] += 1
             if delta:
                 text.append(delta)
-            if job.on_text is not None and (delta or token_id >= 0):
+            on_text = job.on_text  # None once the job is answered (e.g. by stop)
+            if on_text is not None and (delta or token_id >= 0):
                 try:
-                    job.on_text(delta, ''.join(text), tokens[0])
+                    on_text(delta, ''.join(text), tokens[0])
                 except Exception:  # a streaming consumer never stops the answer
                     self.counters['feedback_errors'] += 1
             if time.monotonic() > job.deadline and job.stage == 'running':
@@ -473,13 +494,16 @@ class SceneQAService:
             error = ('not_ready', 'the node stopped during generation; partial answer returned')
         elif result.stop_reason == 'cancelled':
             error = ('cancelled', 'cancelled by the client; partial answer returned')
+        elif not result.text.strip():
+            error = ('empty_answer', empty_answer_reason(result.stop_reason, g.stop_strings))
         self._finish(job, text=result.text.strip(), timings=result.timings, tag=tag,
                      queue_ms=queue_ms, error=error)
 
     def _stage(self, job, stage, position=0):
-        if job.on_stage is not None:
+        on_stage = job.on_stage  # None once the job is answered
+        if on_stage is not None:
             try:
-                job.on_stage(stage, position)
+                on_stage(stage, position)
             except Exception:
                 self.counters['feedback_errors'] += 1
 
@@ -495,6 +519,9 @@ class SceneQAService:
             if error is not None:
                 answer.error_code, answer.error_message = error
             job.answer = answer
+            # Nothing of the request outlives its answer: the image may be megabytes, the
+            # callbacks hold the client's goal handle.
+            job.image = job.on_text = job.on_stage = None
             job.done.set()
         self.counters['answered' if answer.success else f'error.{answer.error_code}'] += 1
         if answer.success:
