@@ -7,7 +7,10 @@ the first signal; the scene-QA node first answers every service call and action 
 holds (queued or running), so no client waits forever. The later signals arrive while the
 node is shutting down (the cleanup that used to print a KeyboardInterrupt traceback).
 
-Clients here use rclpy's default QoS, as a user's would.
+Clients keep every reply (KEEP_ALL), as docs/scene-qa-node.md tells users to: Fast DDS
+delivers each reply of a service to every client's reader, so a default client (keep last
+10) loses its own reply when a burst of others' replies arrives first, which is a client
+setting, not a node fault (test_scene_qa_requests.py counts that case separately).
 """
 import signal
 import sys
@@ -38,6 +41,7 @@ SEQUENCES = {
 }
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
                       reliability=ReliabilityPolicy.RELIABLE)
+KEEP_ALL = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 MSG = interfaces.load('msg')
 SRV = interfaces.load('srv')
 ACTION = interfaces.load('action')
@@ -78,13 +82,16 @@ def assert_clean(proc, seconds):
 
 
 class Clients:
-    """Default-QoS service and action clients on one probe node, created before spinning."""
+    """Keep-all service and action clients on one probe node, created before spinning."""
 
     def __init__(self, spin, ns, services=4, actions=3):
         self.node = rclpy.create_node('signals_probe', namespace=f'/{ns}')
-        self.services = [self.node.create_client(SRV.AskScene, 'scene_qa_node/ask')
+        self.services = [self.node.create_client(SRV.AskScene, 'scene_qa_node/ask',
+                                                 qos_profile=KEEP_ALL)
                          for _ in range(services)]
-        self.actions = [ActionClient(self.node, ACTION.AskScene, 'scene_qa_node/ask_stream')
+        self.actions = [ActionClient(self.node, ACTION.AskScene, 'scene_qa_node/ask_stream',
+                                     goal_service_qos_profile=KEEP_ALL,
+                                     result_service_qos_profile=KEEP_ALL)
                         for _ in range(actions)]
         self.spinner = spin(self.node)
 
