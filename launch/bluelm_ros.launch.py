@@ -18,7 +18,7 @@ from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, GroupAction, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import EnvironmentVariable, LaunchConfiguration
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration, PythonExpression
 from launch_ros.actions import Node
 
 
@@ -70,10 +70,16 @@ def generate_launch_description():
               LaunchConfiguration('params_file')]
     camera = LaunchConfiguration('camera_topic')
     ns = LaunchConfiguration('namespace')
+    profile = LaunchConfiguration('fastdds_profile')
+    shipped_profile = os.path.join(share, 'config', 'fastdds_large_frames.xml')
     return LaunchDescription([GroupAction(scoped=True, forwarding=True, actions=[
         *_arguments(share),
-        SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE',
-                               LaunchConfiguration('fastdds_profile')),
+        SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', profile),
+        # The shipped profile's writer/reader memory policy (a huge frame's buffers are freed
+        # after it) is read only with this variable; another profile keeps rmw's defaults.
+        SetEnvironmentVariable(
+            'RMW_FASTRTPS_USE_QOS_FROM_XML', '1', condition=IfCondition(PythonExpression(
+                ["'", profile, "' == '", shipped_profile, "'"]))),
         Node(package='bluelm_ros', executable='camera_source_node', name='camera_source',
              namespace=ns, parameters=params, remappings=[('image', camera)],
              output='screen', emulate_tty=True,

@@ -95,6 +95,15 @@ class EnvironmentVariable(Substitution):
         return value
 
 
+class PythonExpression(Substitution):
+    def __init__(self, expression, python_modules=('math',)):
+        self.expression, self.python_modules = expression, python_modules
+
+    def perform(self, context):
+        modules = {name: importlib.import_module(name) for name in self.python_modules}
+        return str(eval(perform(context, self.expression), modules))
+
+
 class PathJoinSubstitution(Substitution):
     def __init__(self, substitutions):
         self.substitutions = substitutions
@@ -394,7 +403,8 @@ MODULES = {
         PushEnvironment, PopEnvironment, ResetEnvironment, ResetLaunchConfigurations)},
     'launch.conditions': {'IfCondition': IfCondition, 'UnlessCondition': UnlessCondition},
     'launch.substitutions': {c.__name__: c for c in (
-        LaunchConfiguration, EnvironmentVariable, TextSubstitution, PathJoinSubstitution)},
+        LaunchConfiguration, EnvironmentVariable, TextSubstitution, PathJoinSubstitution,
+        PythonExpression)},
     'launch.launch_description_sources': {
         'PythonLaunchDescriptionSource': PythonLaunchDescriptionSource},
     'launch_ros': {},

@@ -23,6 +23,7 @@ SHARE = get_package_share_directory('bluelm_ros')
 SHIPPED_PARAMS = os.path.join(SHARE, 'config', 'bluelm_ros.yaml')
 SHIPPED_PROFILE = os.path.join(SHARE, 'config', 'fastdds_large_frames.xml')
 PROFILE_VAR = 'FASTDDS_DEFAULT_PROFILES_FILE'
+QOS_VAR = 'RMW_FASTRTPS_USE_QOS_FROM_XML'  # needed by the shipped profile's memory policy
 EXECUTABLES = {'camera_source': 'camera_source_node', 'segmentation_node': 'segmentation_node',
                'scene_qa_node': 'scene_qa_node'}
 # switch argument -> (node, default)
@@ -93,11 +94,12 @@ def _check(name, args, env):
     for p in procs.values():
         got = {'package': p.package, 'executable': p.executable, 'namespace': p.namespace,
                'parameters': p.parameters, 'output': p.output, 'emulate_tty': p.emulate_tty,
-               'profile': p.env.get(PROFILE_VAR),
+               'profile': p.env.get(PROFILE_VAR), 'qos_from_xml': p.env.get(QOS_VAR),
                'camera': _resolve(p.namespace, dict(p.remappings)['image'])}
         exp = {'package': 'bluelm_ros', 'executable': EXECUTABLES[p.name],
                'namespace': want['namespace'], 'parameters': want['parameters'],
                'output': 'screen', 'emulate_tty': True, 'profile': want['profile'],
+               'qos_from_xml': '1' if want['profile'] == SHIPPED_PROFILE else env.get(QOS_VAR),
                'camera': want['camera']}
         problems += [f'{p.name}.{k}: {got[k]!r} != {exp[k]!r}' for k in exp if got[k] != exp[k]]
     if 'scene_qa_node' in procs:
@@ -109,7 +111,8 @@ def _check(name, args, env):
     if context.launch_configurations != args:
         problems.append(f'configurations left behind: {context.launch_configurations}')
     if context.environment != env:
-        problems.append(f'{PROFILE_VAR} left behind: {context.environment.get(PROFILE_VAR)}')
+        changed = set(context.environment.items()) ^ set(env.items())
+        problems.append(f'environment left behind: {changed}')
     return problems
 
 
@@ -151,6 +154,7 @@ def test_defaults_spelled_out():
         ('segmentation_node', '/'), ('scene_qa_node', '/')]
     assert dict(main.processes[0].remappings) == {'image': 'camera/image_raw'}
     assert main.processes[0].env[PROFILE_VAR] == SHIPPED_PROFILE
+    assert main.processes[0].env[QOS_VAR] == '1'
     assert os.path.isfile(SHIPPED_PROFILE) and os.path.isfile(SHIPPED_PARAMS)
     camera, seg = demo.processes
     assert (camera.name, seg.name) == ('camera_source', 'segmentation_node')
@@ -178,7 +182,7 @@ def test_a_parent_including_the_file_keeps_its_environment_and_configurations(na
             *ours, driver = context.processes
             assert driver.name == 'driver' and ours, context.processes
             # The parent's later node sees the parent's profile (or none), not ours ...
-            assert driver.env.get(PROFILE_VAR) == profile
+            assert driver.env.get(PROFILE_VAR) == profile and QOS_VAR not in driver.env
             # ... ours use the parent's profile when it set one, else the shipped one.
             assert {p.env[PROFILE_VAR] for p in ours} == {profile or SHIPPED_PROFILE}
             # No argument default (or use_* of a single-node file) leaks into the parent.
