@@ -176,5 +176,8 @@ def test_lost_frames_are_reported_with_the_fix(node_under_test):
     assert output.count('lost in DDS') == 1, output  # once, not per frame
     assert 'FASTDDS_DEFAULT_PROFILES_FILE=' in output and 'fastdds_large_frames.xml' in output
     assert int(node.stats()['lost']) > 0
+    warned = node.diagnostics.matching(lambda m: m.status and m.status[0].level == b'\x01'
+                                       and 'frames lost in DDS' in m.status[0].message)
+    assert warned, 'no WARN on /diagnostics'
     print(f'Fast DDS defaults, 1280x720 at 5 Hz: {node.stats()["received"]}/{sent} received, '
           f'{node.stats()["lost"]} reported lost')

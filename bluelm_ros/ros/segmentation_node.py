@@ -99,6 +99,7 @@ class SegmentationNode(LifecycleNode):
         self._in_rate = common.RateMeter()
         self._out_rate = common.RateMeter()
         self._bad_seen = 0
+        self._lost_seen = 0
         self.diagnostics = common.DiagnosticsPublisher(self, f'{self.get_name()}: segmentation')
         self.create_timer(self.get_parameter('diagnostics_period').value,
                           self.publish_diagnostics)
@@ -466,10 +467,15 @@ class SegmentationNode(LifecycleNode):
         elif self.configure_error and seg is None:
             level, message = (common.DiagnosticsPublisher.ERROR,
                               f'configure failed: {self.configure_error}')
-        elif stats['bad'] > self._bad_seen:
-            level = common.DiagnosticsPublisher.WARN
-            message += f'; {stats["bad"] - self._bad_seen} bad frames skipped'
-        self._bad_seen = stats['bad']
+        else:
+            if stats['bad'] > self._bad_seen:
+                level = common.DiagnosticsPublisher.WARN
+                message += f'; {stats["bad"] - self._bad_seen} bad frames skipped'
+            if stats['lost'] > self._lost_seen:
+                level = common.DiagnosticsPublisher.WARN
+                message += (f'; {stats["lost"] - self._lost_seen} frames lost in DDS '
+                            '(too big for the transport? docs/segmentation-node.md)')
+        self._bad_seen, self._lost_seen = stats['bad'], stats['lost']
         hardware_id = ','.join(seg.providers) if seg else ''
         return self.diagnostics.publish(level, message, values, hardware_id)
 
