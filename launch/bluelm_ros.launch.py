@@ -22,12 +22,10 @@ from launch.substitutions import EnvironmentVariable, LaunchConfiguration, Pytho
 from launch_ros.actions import Node
 
 
-def _arguments(share):
-    shipped = os.path.join(share, 'config', 'bluelm_ros.yaml')
-    profile = os.path.join(share, 'config', 'fastdds_large_frames.xml')
+def _arguments(shipped_params, shipped_profile):
     return [
         DeclareLaunchArgument(
-            'params_file', default_value=shipped,
+            'params_file', default_value=shipped_params,
             description='Parameter YAML (keys /**/<node name>: ros__parameters) layered over '
                         'the shipped config/bluelm_ros.yaml: its keys win, the others keep '
                         'the shipped values. Default: the shipped file itself.'),
@@ -55,7 +53,7 @@ def _arguments(share):
         DeclareLaunchArgument(
             'fastdds_profile',
             default_value=EnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE',
-                                              default_value=profile),
+                                              default_value=shipped_profile),
             description='Fast DDS XML profile for the nodes started here '
                         '(FASTDDS_DEFAULT_PROFILES_FILE). Default: the one already set in '
                         'the environment, else the shipped config/fastdds_large_frames.xml '
@@ -65,15 +63,15 @@ def _arguments(share):
 
 def generate_launch_description():
     share = get_package_share_directory('bluelm_ros')
+    shipped_params = os.path.join(share, 'config', 'bluelm_ros.yaml')
+    shipped_profile = os.path.join(share, 'config', 'fastdds_large_frames.xml')
     # Shipped defaults first, the user's file second: later files override earlier ones.
-    params = [os.path.join(share, 'config', 'bluelm_ros.yaml'),
-              LaunchConfiguration('params_file')]
+    params = [shipped_params, LaunchConfiguration('params_file')]
     camera = LaunchConfiguration('camera_topic')
     ns = LaunchConfiguration('namespace')
     profile = LaunchConfiguration('fastdds_profile')
-    shipped_profile = os.path.join(share, 'config', 'fastdds_large_frames.xml')
     return LaunchDescription([GroupAction(scoped=True, forwarding=True, actions=[
-        *_arguments(share),
+        *_arguments(shipped_params, shipped_profile),
         SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', profile),
         # The shipped profile's writer/reader memory policy (a huge frame's buffers are freed
         # after it) is read only with this variable; another profile keeps rmw's defaults.
