@@ -95,15 +95,17 @@ class NodeUnderTest:
         return common.diagnostic_values(mine[-1]) if mine else {}
 
     def settled(self):
-        """Wait until no frame has arrived for 2 s and the node has finished the last one."""
+        """Wait until no frame has arrived for 2 s, the node has finished the last one and
+        its masks are here; return its /diagnostics values."""
         last, since = None, time.monotonic()
         deadline = since + WAIT
         while time.monotonic() < deadline:
             s = self.stats()
-            if s.get('received') != last:
-                last, since = s.get('received'), time.monotonic()
-            elif (time.monotonic() - since > 2.0
-                  and int(s['processed']) + int(s['dropped']) >= int(s['received'])):
+            if s and s['received'] != last:
+                last, since = s['received'], time.monotonic()
+            elif (s and time.monotonic() - since > 2.0
+                  and int(s['processed']) + int(s['dropped']) >= int(s['received'])
+                  and len(self.masks.msgs) >= int(s['processed'])):
                 return s
             time.sleep(0.1)
         return self.stats()
