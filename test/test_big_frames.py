@@ -95,17 +95,17 @@ class NodeUnderTest:
         return common.diagnostic_values(mine[-1]) if mine else {}
 
     def settled(self):
-        """Wait until no frame has arrived for 2 s, the node has finished the last one and
-        its masks are here; return its /diagnostics values."""
+        """Wait until no frame or mask has arrived for 2 s and the node has finished the last
+        frame; return its /diagnostics values."""
         last, since = None, time.monotonic()
         deadline = since + WAIT
         while time.monotonic() < deadline:
             s = self.stats()
-            if s and s['received'] != last:
-                last, since = s['received'], time.monotonic()
+            now = (s.get('received'), len(self.masks.msgs))
+            if s and now != last:
+                last, since = now, time.monotonic()
             elif (s and time.monotonic() - since > 2.0
-                  and int(s['processed']) + int(s['dropped']) >= int(s['received'])
-                  and len(self.masks.msgs) >= int(s['processed'])):
+                  and int(s['processed']) + int(s['dropped']) >= int(s['received'])):
                 return s
             time.sleep(0.1)
         return self.stats()
@@ -138,11 +138,13 @@ def test_4k_frames_at_5hz_reach_the_node_through_the_shipped_profile(node_under_
     stats = node.settled()
     masks = node.masks.msgs
     print(f'4K bgr8 at 5 Hz: {stats["received"]}/{sent} frames received, {len(masks)} masks '
-          f'(processed {stats["processed"]}, dropped for newer {stats["dropped"]}), '
+          f'received here (processed {stats["processed"]}, dropped for newer {stats["dropped"]}), '
           f'lost in DDS {stats["lost"]}')
     assert int(stats['received']) == sent, (stats, node.proc.output())
     assert int(stats['lost']) == 0, stats
-    assert masks and len(masks) == int(stats['processed']), (len(masks), stats)
+    # Masks are published keep-last 1 (a slow subscriber gets the newest, not a backlog), so
+    # a busy test process may see fewer than the node made.
+    assert 0 < len(masks) <= int(stats['processed']), (len(masks), stats)
     assert {(m.width, m.height, m.encoding) for m in masks} == {(3840, 2160, 'mono8')}
     assert 'lost in DDS' not in node.proc.output()
 
