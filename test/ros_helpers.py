@@ -48,6 +48,17 @@ class Inbox:
             return [m for m in self.msgs if predicate(m)]
 
 
+def environment(**changes):
+    """This process's environment with changes; a None value removes the variable."""
+    env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 class NodeProcess:
     """A command run as its own process (the real executable), its output in a log file.
 
@@ -55,16 +66,26 @@ class NodeProcess:
     is everything it printed.
     """
 
-    def __init__(self, args, log_path, cwd):
+    def __init__(self, args, log_path, cwd, env=None):
         self.log = open(log_path, 'w+')
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=str(cwd), env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                                     cwd=str(cwd), env=environment(PYTHONUNBUFFERED='1',
+                                                                   **(env or {})))
 
     @classmethod
-    def node(cls, module, log_path, cwd, *ros_args):
-        """Run ``module``'s main() with ``--ros-args ros_args`` (as ``ros2 run`` would)."""
+    def node(cls, module, log_path, cwd, *ros_args, env=None):
+        """Run ``module``'s main() with ``--ros-args ros_args`` (as ``ros2 run`` would).
+
+        ``env``: variables set in (None: removed from) this process's environment.
+        """
         code = f'from {module} import main; main()'
-        return cls([sys.executable, '-c', code, '--ros-args', *ros_args], log_path, cwd)
+        return cls([sys.executable, '-c', code, '--ros-args', *ros_args], log_path, cwd, env)
+
+    def rss_mib(self):
+        """{'VmRSS', 'RssAnon', 'RssShmem'} of the process in MiB (Linux /proc)."""
+        with open(f'/proc/{self.proc.pid}/status') as f:
+            return {line.split(':')[0]: int(line.split()[1]) / 1024 for line in f
+                    if line.startswith(('VmRSS', 'RssAnon', 'RssShmem'))}
 
     @classmethod
     def scene_qa(cls, ns, bundle, tmp_path, *params):

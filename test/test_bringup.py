@@ -6,7 +6,8 @@ one, every keyword they pass must be one the real class takes, every executable 
 start must exist in nodes/, be installed by CMakeLists.txt and be in the colcon install,
 every launch argument they read must be declared, every file they point to must exist
 (in the source tree and in the installed share folder), and their node names and
-remappings must be the ones the nodes and `bluelm-ros bringup` use.
+remappings must be the ones the nodes and `bluelm-ros bringup` use. What they start with
+every argument combination is checked in test_launch_files.py.
 
 The config profiles are loaded by the real nodes with `--params-file`: every key must be
 a parameter the node declares, with the YAML value arriving unchanged (rclpy refuses a
@@ -91,7 +92,9 @@ KEYWORDS = {
     'SetEnvironmentVariable': {'name', 'value', 'condition'},
     'IfCondition': {'predicate_expression'},
     'IncludeLaunchDescription': {'launch_description_source', 'launch_arguments', 'condition'},
+    'GroupAction': {'actions', 'scoped', 'forwarding', 'launch_configurations', 'condition'},
     'LaunchConfiguration': {'variable_name', 'default'},
+    'EnvironmentVariable': {'name', 'default_value'},
 }
 
 

@@ -176,6 +176,25 @@ def fastdds_profiles_variable(environ=None):
     return 'FASTDDS_DEFAULT_PROFILES_FILE'
 
 
+def create_subscription_counting_losses(node, msg_type, topic, callback, qos, on_lost):
+    """create_subscription that also calls ``on_lost(count)`` when DDS reports lost messages.
+
+    Best-effort samples too big for the transport vanish without a trace in the callback;
+    the RMW's message-lost event is the only sign. RMWs without that event get a plain
+    subscription.
+    """
+    try:  # Iron+; Humble has the same class in rclpy.qos_event
+        from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
+    except ImportError:
+        from rclpy.qos_event import SubscriptionEventCallbacks, UnsupportedEventTypeError
+    events = SubscriptionEventCallbacks(
+        message_lost=lambda info: on_lost(int(info.total_count_change)))
+    try:
+        return node.create_subscription(msg_type, topic, callback, qos, event_callbacks=events)
+    except UnsupportedEventTypeError:
+        return node.create_subscription(msg_type, topic, callback, qos)
+
+
 # --------------------------------------------------------------------------- warnings
 
 

@@ -25,6 +25,7 @@ from bluelm_ros.ros import common, image_codec
 from bluelm_ros.runtime import shipped_models
 from bluelm_ros.runtime.image import ImageError, MAX_PIXELS, to_rgb_uint8
 from bluelm_ros.runtime.labels import IGNORE_ID
+from bluelm_ros.runtime.memory import limit_heap_retention
 from bluelm_ros.runtime.ort_session import ModelFileError
 from bluelm_ros.runtime.segmenter import EXPORT_HINT, overlay, Segmenter
 from bluelm_ros.runtime.workers import LatestSlot, WorkerThread
@@ -37,6 +38,13 @@ SUBSCRIPTION_PARAMS = ('input_type', 'qos.reliability', 'qos.durability', 'qos.d
 # Every other parameter is read by the worker for every frame: it changes any time.
 
 INPUT_TYPES = ('raw', 'compressed')
+LOST_FRAMES_FIX = (
+    'Frames bigger than the DDS transport carries are dropped before they reach any node '
+    '(Fast DDS: best-effort frames above its 512 KB shared-memory segment; a 4K bgr8 frame '
+    'is 24.9 MB). Give the camera driver and this node the large-frame profile: export '
+    'FASTDDS_DEFAULT_PROFILES_FILE=<bluelm_ros share>/config/fastdds_large_frames.xml '
+    'RMW_FASTRTPS_USE_QOS_FROM_XML=1 (the bluelm_ros launch files set both for their '
+    'nodes), or publish reliable and set qos.reliability:=reliable. docs/segmentation-node.md')
 LABEL_INFO_TYPES = ('auto', 'vision_msgs', 'bluelm_ros')
 
 
@@ -91,6 +99,7 @@ class SegmentationNode(LifecycleNode):
         self._in_rate = common.RateMeter()
         self._out_rate = common.RateMeter()
         self._bad_seen = 0
+        self._lost_seen = 0
         self.diagnostics = common.DiagnosticsPublisher(self, f'{self.get_name()}: segmentation')
         self.create_timer(self.get_parameter('diagnostics_period').value,
                           self.publish_diagnostics)
@@ -231,9 +240,9 @@ class SegmentationNode(LifecycleNode):
         topic = self.resolve_topic_name('image') + '/compressed' if compressed else 'image'
         self.slot.reopen()
         self.slot.clear()
-        self._sub = self.create_subscription(
-            CompressedImage if compressed else Image, topic, self._on_image,
-            common.qos_from_parameters(self, 'qos'))
+        self._sub = common.create_subscription_counting_losses(
+            self, CompressedImage if compressed else Image, topic, self._on_image,
+            common.qos_from_parameters(self, 'qos'), self._on_frames_lost)
         self.input_topic = self.resolve_topic_name(topic)  # Subscription.topic_name: Iron+
         self.label_info = self._make_label_info()
         self._pubs['label_info'].publish(self.label_info)
@@ -312,6 +321,15 @@ class SegmentationNode(LifecycleNode):
             self._counters['skipped_disabled'] += 1
             return
         self.slot.put((msg, time.monotonic()))
+
+    def _on_frames_lost(self, count):
+        # Once: the count keeps growing on /diagnostics (lost), the fix does not change.
+        first = self._counters['lost'] == 0
+        self._counters['lost'] += count
+        if first:
+            self.get_logger().warning(
+                f'{count} frame(s) on {self.input_topic} were lost in DDS before reaching '
+                f'this node. {LOST_FRAMES_FIX}')
 
     def _work(self, stop):
         next_start = 0.0
@@ -409,7 +427,7 @@ class SegmentationNode(LifecycleNode):
         with self._lock:
             bad = dict(self.bad_frames)
         out.update({k: self._counters[k] for k in
-                    ('processed', 'skipped_disabled', 'colored_mask', 'overlay',
+                    ('processed', 'skipped_disabled', 'lost', 'colored_mask', 'overlay',
                      'class_stats')})
         out['received'] += out['skipped_disabled']
         out['bad'] = sum(bad.values())
@@ -435,6 +453,7 @@ class SegmentationNode(LifecycleNode):
             'processed': stats['processed'],
             'dropped': stats['dropped'],
             'skipped_disabled': stats['skipped_disabled'],
+            'lost': stats['lost'],
             'bad_frames': stats['bad'],
         }
         values.update({f'bad_frames.{reason}': n for reason, n in sorted(bad.items())})
@@ -453,16 +472,26 @@ class SegmentationNode(LifecycleNode):
         elif self.configure_error and seg is None:
             level, message = (common.DiagnosticsPublisher.ERROR,
                               f'configure failed: {self.configure_error}')
-        elif stats['bad'] > self._bad_seen:
-            level = common.DiagnosticsPublisher.WARN
-            message += f'; {stats["bad"] - self._bad_seen} bad frames skipped'
-        self._bad_seen = stats['bad']
+        else:
+            if stats['bad'] > self._bad_seen:
+                level = common.DiagnosticsPublisher.WARN
+                message += f'; {stats["bad"] - self._bad_seen} bad frames skipped'
+            if stats['lost'] > self._lost_seen:
+                level = common.DiagnosticsPublisher.WARN
+                message += (f'; {stats["lost"] - self._lost_seen} frames lost in DDS '
+                            '(too big for the transport? docs/segmentation-node.md)')
+        self._bad_seen, self._lost_seen = stats['bad'], stats['lost']
         hardware_id = ','.join(seg.providers) if seg else ''
         return self.diagnostics.publish(level, message, values, hardware_id)
 
 
 def main(args=None):
     """Entry point of `ros2 run bluelm_ros segmentation_node`."""
+    # Buffers of 4 MiB and up (frames of 1080p and more) get their own mappings, unmapped
+    # on free. Left alone, glibc raises that threshold to the largest block freed, so one
+    # 4K frame left this process 60 MB bigger for good (measured, docs/segmentation-node.md).
+    # 640x480 buffers (0.9 MB, and the 3.7 MB model input) stay on the heap as before.
+    limit_heap_retention(4 << 20)
     common.exit_process(common.run_node(SegmentationNode, args=args))
 
 
