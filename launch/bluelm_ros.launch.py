@@ -21,6 +21,12 @@ from launch.conditions import IfCondition
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration, PythonExpression
 from launch_ros.actions import Node
 
+from bluelm_ros.ros.common import fastdds_profiles_variable
+
+# Fast DDS 3 (Kilted on) reads FASTDDS_DEFAULT_PROFILES_FILE, Fast DDS 2 (Humble, Jazzy)
+# only FASTRTPS_DEFAULT_PROFILES_FILE; setting both on Kilted loads the file twice.
+PROFILE_VAR = fastdds_profiles_variable()
+
 
 def _arguments(shipped_params, shipped_profile):
     return [
@@ -52,10 +58,9 @@ def _arguments(shipped_params, shipped_profile):
         # 4K. A profile the environment already names (a parent's, a multi-host one) wins.
         DeclareLaunchArgument(
             'fastdds_profile',
-            default_value=EnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE',
-                                              default_value=shipped_profile),
+            default_value=EnvironmentVariable(PROFILE_VAR, default_value=shipped_profile),
             description='Fast DDS XML profile for the nodes started here '
-                        '(FASTDDS_DEFAULT_PROFILES_FILE). Default: the one already set in '
+                        f'({PROFILE_VAR}). Default: the one already set in '
                         'the environment, else the shipped config/fastdds_large_frames.xml '
                         '(frames up to 4K bgr8). Give the camera driver the same file.'),
     ]
@@ -72,7 +77,7 @@ def generate_launch_description():
     profile = LaunchConfiguration('fastdds_profile')
     return LaunchDescription([GroupAction(scoped=True, forwarding=True, actions=[
         *_arguments(shipped_params, shipped_profile),
-        SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', profile),
+        SetEnvironmentVariable(PROFILE_VAR, profile),
         # The shipped profile's writer/reader memory policy (a huge frame's buffers are freed
         # after it) is read only with this variable; another profile keeps rmw's defaults.
         SetEnvironmentVariable(

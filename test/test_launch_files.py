@@ -14,6 +14,7 @@ import os
 import pytest
 
 import launch_standin
+from bluelm_ros.ros.common import fastdds_profiles_variable
 
 pytest.importorskip('ament_index_python')
 from ament_index_python.packages import get_package_share_directory  # noqa: E402
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARE = get_package_share_directory('bluelm_ros')
 SHIPPED_PARAMS = os.path.join(SHARE, 'config', 'bluelm_ros.yaml')
 SHIPPED_PROFILE = os.path.join(SHARE, 'config', 'fastdds_large_frames.xml')
-PROFILE_VAR = 'FASTDDS_DEFAULT_PROFILES_FILE'
+PROFILE_VAR = fastdds_profiles_variable()  # what the launch file sets on this distro
 QOS_VAR = 'RMW_FASTRTPS_USE_QOS_FROM_XML'  # needed by the shipped profile's memory policy
 EXECUTABLES = {'camera_source': 'camera_source_node', 'segmentation_node': 'segmentation_node',
                'scene_qa_node': 'scene_qa_node'}
