@@ -9,7 +9,7 @@ reference's round median to the contender's, per round, so a load burst that hit
 round hits both sides of that round's ratio.
 
 A run is flagged (``Comparison.flags``) when the per-round ratios spread more than
-``max_spread`` around their median, or the load average rose above the core count: the
+``max_spread`` around their median, or the load average rose above the core count + 1: the
 numbers are kept and printed, but callers refuse flagged runs with ``--strict``.
 """
 from __future__ import annotations
@@ -117,7 +117,8 @@ def interleaved(contenders: Dict[str, Callable[[], object]], *, reference: Optio
 
     reference: the contender the others are compared with (default: the first).
     rounds >= 5 (fewer cannot tell a load burst from the code). max_load: flag the run
-    when the 1-minute load average exceeded it (default: the number of CPUs).
+    when the 1-minute load average exceeded it (default: CPUs + 1: the benchmark's own
+    threads keep the load near the CPU count, one more runnable task is other work).
     """
     if rounds < 5:
         raise ValueError(f'interleaved runs need >= 5 rounds, got {rounds}')
@@ -127,7 +128,7 @@ def interleaved(contenders: Dict[str, Callable[[], object]], *, reference: Optio
     reference = reference or names[0]
     if reference not in contenders:
         raise ValueError(f'reference {reference!r} is not a contender ({", ".join(names)})')
-    max_load = float(max_load if max_load is not None else os.cpu_count() or 1)
+    max_load = float(max_load if max_load is not None else (os.cpu_count() or 1) + 1)
     load_before = os.getloadavg()
     load_max = load_before[0]
 

@@ -127,8 +127,8 @@ class SegmentationNode(LifecycleNode):
           'ONNX Runtime intra-op threads (0: one per core). Reconfigure to change.',
           value_range=(0, 256))
         p(self, 'spinning', False,
-          "ONNX Runtime pool threads busy-wait between operators: INT8 head128 480x640 "
-          "runs ~16 % faster here (bench/results), but the spin takes cores from other "
+          "ONNX Runtime pool threads busy-wait between operators: INT8 DSNet runs 3-9 % "
+          "faster here (bench/results/dsnet.json), but the spin takes cores from other "
           "work, such as the scene-QA model in the same process. Reconfigure to change.")
         p(self, 'input_height', 0,
           'Expected model input height; must match the (static) model. 0: take the '
