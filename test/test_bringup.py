@@ -81,6 +81,8 @@ LAUNCH_API = {
     'launch_ros.actions': {'Node', 'PushRosNamespace', 'SetRemap', 'SetParameter'},
     'ament_index_python.packages': {'get_package_share_directory', 'get_package_prefix'},
     'os': None, 'os.path': None,
+    # our own helper, installed with the launch file; no rclpy at import
+    'bluelm_ros.ros.common': {'fastdds_profiles_variable'},
 }
 # Keywords the real constructors accept (launch_ros Node also takes ExecuteProcess's).
 KEYWORDS = {
