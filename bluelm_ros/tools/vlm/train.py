@@ -598,19 +598,17 @@ def save_checkpoint(path, model, aux_head, opt, step, elapsed, args) -> None:
     os.replace(tmp, path)
 
 
-def load_stage_weights(run_dir: str, model: BlueLMV, aux_head: torch.nn.Module,
-                       device: torch.device) -> None:
-    """Start a new stage (fresh optimizer and schedule) from a finished run's weights.
+def load_weights(ckpt: str, model: BlueLMV, aux_head: torch.nn.Module,
+                 device: torch.device) -> dict:
+    """Load the model and aux head from a checkpoint, every key matching; return the state.
 
-    Every key must match: a stage that silently re-initialised part of the model would
-    look like a bad recipe rather than a bad load.
+    Strict on purpose: a stage that silently re-initialised part of the model would look
+    like a bad recipe rather than a bad load.
     """
-    ckpt = os.path.join(run_dir, CHECKPOINT)
     state = torch.load(ckpt, map_location=device, weights_only=False)
     model.load_state_dict(state['model'], strict=True)
     aux_head.load_state_dict(state['aux_head'], strict=True)
-    print(f'vlm-train: stage starts from {ckpt} (step {int(state["step"])}, '
-          f'{float(state["elapsed"]):.0f} s trained)')
+    return state
 
 
 def train(args) -> dict:
@@ -631,26 +629,29 @@ def train(args) -> dict:
     resume = args.resume and os.path.exists(ckpt_path)
     if args.resume and not resume:
         print(f'vlm-train: no {ckpt_path}, starting from scratch')
-    init_from = args.init_from if not resume else None
-    if init_from and not os.path.exists(os.path.join(init_from, CHECKPOINT)):
-        raise SystemExit(f'vlm-train: --init-from needs {os.path.join(init_from, CHECKPOINT)} '
-                         '(a finished or interrupted run)')
-    if init_from:  # a second stage keeps the first stage's vocabulary
-        shutil.copyfile(os.path.join(init_from, TOKENIZER_FILE), tok_path)
-    tok = (VLMTokenizer(tok_path, config) if (resume or init_from) and os.path.exists(tok_path)
+    # --init-from: a new stage (fresh optimizer and schedule) from another run's weights
+    init_ckpt = os.path.join(args.init_from, CHECKPOINT) if args.init_from and not resume \
+        else None
+    if init_ckpt:
+        if not os.path.exists(init_ckpt):
+            raise SystemExit(f'vlm-train: --init-from needs {init_ckpt} '
+                             '(a finished or interrupted run)')
+        # the new stage keeps the first stage's vocabulary
+        shutil.copyfile(os.path.join(args.init_from, TOKENIZER_FILE), tok_path)
+    tok = (VLMTokenizer(tok_path, config) if (resume or init_ckpt) and os.path.exists(tok_path)
            else train_tokenizer(tok_path, config))
     model = BlueLMV(config).to(device)
     aux_head = AuxHead(config.vision.hidden_size).to(device)
-    if init_from:
-        load_stage_weights(init_from, model, aux_head, device)
+    if init_ckpt:
+        state = load_weights(init_ckpt, model, aux_head, device)
+        print(f'vlm-train: stage starts from {init_ckpt} (step {int(state["step"])}, '
+              f'{float(state["elapsed"]):.0f} s trained)')
     both = torch.nn.ModuleList([model, aux_head])
     opt = torch.optim.AdamW(param_groups(both, args.weight_decay), lr=args.lr,
                             betas=(0.9, 0.95), eps=1e-8, **({'fused': True} if cuda else {}))
     step, elapsed = 0, 0.0
     if resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state['model'])
-        aux_head.load_state_dict(state['aux_head'])
+        state = load_weights(ckpt_path, model, aux_head, device)
         opt.load_state_dict(state['optimizer'])
         step, elapsed = int(state['step']), float(state['elapsed'])
         print(f'vlm-train: resumed {ckpt_path} at step {step} ({elapsed:.0f} s trained)')
