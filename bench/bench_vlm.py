@@ -1,24 +1,34 @@
-"""BlueLM-V runtime benchmark: full 3B config, random weights, ONNX Runtime vs llama.cpp.
+"""BlueLM-V runtime benchmark: full 3B shapes, random weights, ONNX Runtime vs llama.cpp.
 
-Measures, with ``--threads`` (default 2) intra-op threads:
+Every timing is interleaved (``harness.py``: contenders take turns, >= 5 rounds, min and
+median, per-round ratios, load average recorded), each section in a fresh process:
 
-* bundle file sizes (vision FP32/INT8, decoder INT4, embeddings);
-* vision ms per tile, INT8 vs FP32 (batches of 4 tiles);
-* prefill tokens/s of a 2048-token prompt for several chunk sizes;
-* decode tokens/s at 2048 tokens of context (and at a short context);
-* time to first token with and without a pre-encoded image;
-* peak RSS of the deployment pipeline (INT8 ViT released after encoding, INT4 LLM,
-  KV cache of 2048 + decode tokens), each scenario in a fresh process;
-* the same prefill/decode numbers for llama.cpp (llama-cpp-python) on a same-shape random
-  LLaMA GGUF at Q4_0 (lm_head Q8_0), if llama_cpp is importable.
+* ``vision``: vision graphs x tile batch sizes (each call encodes the same 4 smooth
+  tiles), plus each graph's embedding cosine to the FP32 graph;
+* ``decode``: the bundle's decoders and llama.cpp (llama-cpp-python, same-shape random
+  LLaMA GGUF, Q4_0 with lm_head Q8_0, f16 KV) in one process: decode at 2048 tokens of
+  context and after a 128-token prompt (8 greedy steps per call, rewound each call), then
+  prefill of the 2048-token prompt in chunks of 128; KV cache bytes per decoder;
+* ``pipeline``: the robot's flow per decoder (peak RSS; a frame encoded and its prefix
+  prefilled eagerly, then 32-token questions: time to first token; a new frame with a
+  context-filling question: encode + prefill + first token);
+* ``genai`` (optional): our export vs onnxruntime-genai on a 4-layer slice (pre-harness).
 
-Make the bundle first (random weights, ~20 min on 2 busy cores; nothing is downloaded)::
+Make the bundle first (random weights; nothing is downloaded; ~10 min)::
 
-    python -m bluelm_ros.tools.vlm.export --random bluelm-v-3b ~/.cache/bluelm_ros/bundles/\
-bluelm-v-3b-random --vision fp32,int8 --decoder int4 --embed-dtype float16
+    B=~/.cache/bluelm_ros/bundles/bluelm-v-3b-random
+    python -m bluelm_ros.tools.vlm.export --random bluelm-v-3b $B --vision fp32,int8 \
+        --no-vision-fusion --decoder int4 --block-size 128 --lm-head int4 --kv-dtype int8 \
+        --variant b128-kv8 --embed-dtype float16
+    python -m bluelm_ros.tools.vlm.export --random bluelm-v-3b $B --update \
+        --vision fp32,int8 --vision-variant fused --decoder ''
+    for kv in 16 32; do python -m bluelm_ros.tools.vlm.export --random bluelm-v-3b $B \
+        --update --vision '' --decoder int4 --block-size 128 --lm-head int4 \
+        --attention gqa --kv-dtype float$kv --variant b128-gqa$kv; done
 
-Then ``python bench/bench_vlm.py``. Results: ``bench/results/vlm.json`` and ``vlm.png``.
-Model files stay under ``~/.cache/bluelm_ros``.
+and ``pip install llama-cpp-python==0.3.36 gguf`` (builds from source, ~10 min). Then
+``python bench/bench_vlm.py`` on a quiet machine. Results: ``bench/results/vlm.json``
+(``headline`` holds the figures) and ``vlm.png``. Model files stay under ``~/.cache``.
 """
 
 import argparse
@@ -33,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CACHE, machine, plot_path, save  # noqa: E402
+from harness import interleaved  # noqa: E402
 
 DEFAULT_BUNDLE = os.path.join(os.path.dirname(CACHE), 'bundles', 'bluelm-v-3b-random')
 DEFAULT_GGUF = os.path.join(CACHE, 'bluelm-v-3b-llm-random-q4_0.gguf')
@@ -54,6 +65,12 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss():
+    """Start a new peak-RSS window (Linux: ``5`` to clear_refs resets ``VmHWM``)."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+
+
 def rss_mb():
     """Current resident set size (MiB)."""
     import psutil
@@ -65,16 +82,17 @@ def child(args, mode, **kw):
     cmd = [sys.executable, os.path.abspath(__file__), '--child', mode,
            '--bundle', args.bundle, '--threads', str(args.threads),
            '--context', str(args.context), '--decode-tokens', str(args.decode_tokens),
-           '--gguf', args.gguf, '--kw', json.dumps(kw)]
+           '--rounds', str(args.rounds), '--gguf', args.gguf, '--kw', json.dumps(kw)]
     env = dict(os.environ)
     # ORT runs with spinning off (the cores are shared); give llama.cpp's OpenMP threads
     # the same passive wait, which on busy cores was 4x faster for it here
     env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # stdout carries the JSON; the child's tables and errors go straight to the terminal
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if r.returncode != 0:
-        print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
-        return {'error': (r.stderr or r.stdout)[-500:]}
+        print(r.stdout[-3000:], file=sys.stderr)
+        return {'error': f'{mode} child exited with {r.returncode}'}
     out = json.loads(r.stdout.strip().splitlines()[-1])
     print(f'[{mode} {kw or ""}] {time.perf_counter() - t:.0f} s: {json.dumps(out)}', flush=True)
     return out
@@ -111,80 +129,191 @@ def _random_image_embedding(engine, grid=(2, 4)):
                           image_size=(384 * grid[0], 384 * grid[1]), encode_ms=0.0)
 
 
-def run_vision(args, precision):
-    """Per-tile latency of one vision precision (batches of 4 tiles)."""
+def _tiles(n, size, seed=0):
+    """``n`` smooth random tiles in the vision graph's input range (not pure noise)."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    out = [cv2.resize(rng.uniform(-1, 1, (6, 6, 3)).astype(np.float32), (size, size),
+                      interpolation=cv2.INTER_CUBIC).transpose(2, 0, 1) for _ in range(n)]
+    return np.ascontiguousarray(np.stack(out))
+
+
+def _cosines(a, b):
+    """Cosine similarity per tile of two ``[tiles, tokens, hidden]`` embeddings."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return (np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).tolist()
+
+
+def run_vision(args):
+    """Vision graphs and tile batch sizes, interleaved; each call encodes the same 4 tiles.
+
+    Also each graph's embedding cosine to the FP32 graph on those tiles.
+    """
     from bluelm_ros.runtime.ort_session import create_session
     from bluelm_ros.runtime.vlm.bundle import Bundle
     b = Bundle(args.bundle, verify='size')
-    t = time.perf_counter()
-    sess, _ = create_session(b.component_files('vision', precision)[0], threads=args.threads)
-    load_ms = (time.perf_counter() - t) * 1e3
-    s = b.config.vision.image_size
-    tiles = np.random.default_rng(0).uniform(-1, 1, (4, 3, s, s)).astype(np.float32)
-    sess.run(None, {'pixel_values': tiles[:1]})  # warm-up
-    times = []
-    for _ in range(args.kw.get('repeat', 1)):
+    io = b.vision_io('fp32')
+    tiles = _tiles(4, b.config.vision.image_size)
+    fp32, _ = create_session(b.component_files('vision', 'fp32')[0], threads=args.threads)
+    reference = fp32.run(None, {io.pixel_values: tiles})[0]
+    del fp32
+    sessions, out = {}, {'load_ms': {}, 'cosine_vs_fp32': {}, 'graphs': {}}
+    for prec in args.kw['precisions']:
         t = time.perf_counter()
-        sess.run(None, {'pixel_values': tiles})
-        times.append((time.perf_counter() - t) * 1e3 / 4)
-    return {'precision': precision, 'ms_per_tile': float(np.median(times)),
-            'load_ms': load_ms, 'peak_rss_mb': peak_rss_mb()}
+        sessions[prec], _ = create_session(b.component_files('vision', prec)[0],
+                                           threads=args.threads)
+        out['load_ms'][prec] = (time.perf_counter() - t) * 1e3
+        emb = sessions[prec].run(None, {io.pixel_values: tiles})[0]
+        out['cosine_vs_fp32'][prec] = min(_cosines(emb, reference))
+        out['graphs'][prec] = {k: v for k, v in b.entry('vision', prec).items()
+                               if k in ('quantization', 'fusion')}
+
+    def encode(session, batch):
+        def call():
+            for i in range(0, len(tiles), batch):
+                session.run(None, {io.pixel_values: tiles[i:i + batch]})
+        return call
+
+    contenders = {f'{prec} batch {bs}': encode(sessions[prec], bs)
+                  for prec, bs in args.kw['contenders']}
+    comp = interleaved(contenders, rounds=args.rounds, calls=1, warmup=1)
+    print(comp.table(), file=sys.stderr)
+    out['comparison'] = comp.to_dict()
+    out['ms_per_tile'] = {n: {'min': c.min_ms / len(tiles), 'median': c.median_ms / len(tiles)}
+                          for n, c in comp.contenders.items()}
+    return out
 
 
-def run_prefill_decode(args):
-    """Prefill tok/s per chunk size at ``context`` tokens, then decode tok/s."""
-    eng = _engine(args)
-    t = time.perf_counter()
-    eng.load(vision=False)
-    out = {'decoder_load_ms': (time.perf_counter() - t) * 1e3, 'prefill': {}}
-    emb = _random_image_embedding(eng)
-    ids, _ = _prompt_ids(eng, emb, args.context)
-    for chunk in args.kw['chunks']:
-        r = eng.generate_ids(ids, emb, max_new_tokens=1, stop_token_ids=[],
-                             prefill_chunk=chunk, reuse_prefix=False)
-        out['prefill'][str(chunk)] = {'ms': r.timings.prefill_ms,
-                                      'tokens_per_second': r.timings.prefill_tokens_per_second}
-    # decode at full context (prompt prefilled with chunk 128 above is reused)
-    r = eng.generate_ids(ids, emb, max_new_tokens=args.decode_tokens, stop_token_ids=[],
-                         prefill_chunk=128, reuse_prefix=False)
-    out['ttft_preencoded_ms'] = r.timings.time_to_first_token_ms
-    out['decode_tokens_per_second_at_context'] = r.timings.tokens_per_second
-    out['decode_ms_per_token_at_context'] = 1e3 / r.timings.tokens_per_second
-    short = _prompt_ids(eng, None, 128)[0]
-    r = eng.generate_ids(short, None, max_new_tokens=args.decode_tokens, stop_token_ids=[],
-                         reuse_prefix=False)
-    out['decode_tokens_per_second_short'] = r.timings.tokens_per_second
-    out['short_prompt_tokens'] = len(short)
+class LlamaCpp:
+    """llama-cpp-python on the same-shape random GGUF, driven like our engine."""
+
+    def __init__(self, args, chunk=128):
+        from llama_cpp import Llama
+        self.llm = Llama(args.gguf, n_ctx=args.context + args.decode_tokens, n_batch=chunk,
+                         n_ubatch=chunk, n_threads=args.threads,
+                         n_threads_batch=args.threads, verbose=False)
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def decode(self, ids, steps):
+        """Rewind to all but the last prompt token, then ``steps`` greedy steps."""
+        self.llm.n_tokens = len(ids) - 1
+        tok = ids[-1]
+        for _ in range(steps):
+            self.llm.eval([tok])
+            tok = _llama_argmax(self.llm)
+
+
+def run_decode(args):
+    """Decoders and llama.cpp in one process, interleaved: decode at full and at short
+    context (``decode_steps`` tokens per call), then prefill of the full prompt."""
+    engines = {d: _engine(argparse.Namespace(**{**vars(args), 'kw': {'decoder': d}}))
+               for d in args.kw['decoders']}
+    llama = LlamaCpp(args) if args.kw.get('llama') else None
+    rng = np.random.default_rng(0)
+    # token ids < 259: valid for the byte tokenizer and for the GGUF's vocab alike
+    ids = [1] + rng.integers(3, 250, args.context - 1).tolist()
+    short = ids[:args.kw.get('short', 128)]
+    steps = args.kw.get('decode_steps', 8)
+    out = {'decode_steps_per_call': steps, 'context': len(ids), 'short_context': len(short)}
+
+    def ort_decode(eng, prompt):
+        # the cache holds the prompt: reuse all but its last token, then steps - 1 more
+        return lambda: eng.generate_ids(prompt, None, max_new_tokens=steps,
+                                        stop_token_ids=[], reuse_prefix=True)
+
+    def ort_prefill(eng):
+        return lambda: eng.generate_ids(ids, None, max_new_tokens=1, stop_token_ids=[],
+                                        prefill_chunk=128, reuse_prefix=False)
+
+    for label, prompt in (('decode_at_context', ids), ('decode_short', short)):
+        for eng in engines.values():
+            eng.generate_ids(prompt, None, max_new_tokens=1, stop_token_ids=[],
+                             reuse_prefix=False)
+        contenders = {d: ort_decode(e, prompt) for d, e in engines.items()}
+        if llama:
+            llama.prefill(prompt)
+            contenders['llama.cpp Q4_0'] = lambda p=prompt: llama.decode(p, steps)
+        comp = interleaved(contenders, reference='llama.cpp Q4_0' if llama else None,
+                           rounds=args.rounds, calls=2, warmup=1)
+        print(label, '\n' + comp.table(), file=sys.stderr, flush=True)
+        out[label] = comp.to_dict()
+    prefill_names = args.kw.get('prefill_decoders') or list(engines)
+    contenders = {d: ort_prefill(engines[d]) for d in prefill_names}
+    if llama:
+        contenders['llama.cpp Q4_0'] = lambda: llama.prefill(ids)
+    comp = interleaved(contenders, reference='llama.cpp Q4_0' if llama else None,
+                       rounds=args.rounds, calls=1, warmup=0)
+    print('prefill\n' + comp.table(), file=sys.stderr, flush=True)
+    out['prefill'] = comp.to_dict()
+    out['kv_cache_mb_at_context'] = {d: _kv_bytes(e, len(ids)) / 2 ** 20
+                                     for d, e in engines.items()}
     out['peak_rss_mb'] = peak_rss_mb()
     return out
 
 
+def _kv_bytes(engine, tokens):
+    """Bytes of KV cache (and int8 scales) that ``tokens`` tokens occupy."""
+    total = 0
+    for buf in engine.decoder.buffers.values():
+        total += buf.dtype.itemsize * buf.shape[1] * buf.shape[3] * tokens
+    return total
+
+
 def run_pipeline(args):
-    """Deployment flow in one process: peak RSS and TTFT without a pre-encoded image.
+    """The robot's flow in one fresh process: peak RSS, eager and new-frame latency.
 
-    INT8 ViT encodes a 768x1536 frame (2:4 grid, 9 tiles, released afterwards), then the
-    INT4 LLM answers a 2048-token prompt and decodes ``decode_tokens``.
+    1. A frame arrives: the INT8 ViT encodes it (768x1536: 2:4 grid + thumbnail, 9 tiles;
+       the session is released afterwards) and the prompt prefix up to the question is
+       prefilled eagerly (``prepare``), as the scene-QA node does.
+    2. ``questions`` questions of ``question_tokens`` tokens about that frame: time to
+       first token each (they pay only for their own tokens).
+    3. A new frame with a question that fills the context: encode + prefill + first
+       token, then ``decode_tokens`` tokens (the KV cache at its full size).
     """
-    eng = _engine(args, release_vision=True, low_memory=args.kw.get('low_memory', False))
+    eng = _engine(args, release_vision=True, low_memory=args.kw.get('low_memory', False),
+                  vision_precision=args.kw.get('vision', 'int8'))
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (1536, 768, 3), dtype=np.uint8)
-    phases = {'start': rss_mb()}
-    emb = eng.encode_image(image, key='probe')  # only to size the prompt
-    eng.images.clear()
-    phases['after_vision'] = rss_mb()
-    ids_len = args.context
-    _, question = _prompt_ids(eng, emb, ids_len)
-    res = eng.generate(question, image=image, max_new_tokens=args.decode_tokens,
-                       stop_token_ids=[])
-    phases['after_generate'] = rss_mb()
-    tm = res.timings
-    return {'peak_rss_mb': peak_rss_mb(), 'rss_phases_mb': phases, 'image_tiles': tm.image_tiles,
-            'image_tokens': tm.image_tokens, 'prompt_tokens': tm.prompt_tokens,
-            'image_encode_ms': tm.image_encode_ms, 'prefill_ms': tm.prefill_ms,
-            'ttft_with_image_encode_ms': tm.time_to_first_token_ms,
-            'decode_tokens_per_second': tm.tokens_per_second,
-            'kv_slots': eng.decoder.capacity}
-
+    frames = [rng.integers(0, 256, (1536, 768, 3), dtype=np.uint8) for _ in range(2)]
+    phases, peaks = {'start': rss_mb()}, {}
+    t = time.perf_counter()
+    emb = eng.encode_image(frames[0], key='frame0')
+    eng.prepare(image_key='frame0')
+    eager_ms = (time.perf_counter() - t) * 1e3
+    phases['after_eager'] = rss_mb()
+    peaks['first frame: encode + eager prefill'] = peak_rss_mb()
+    reset_peak_rss()
+    n_q = args.kw.get('question_tokens', 32)
+    base = len(eng.build_prompt('', emb))
+    ttfts = []
+    for i in range(args.kw.get('questions', 5)):
+        question = (f'question {i}: what is on the table and where is the robot going now '
+                    * 4)[:n_q]
+        r = eng.generate(question, image_key='frame0', max_new_tokens=1, stop_token_ids=[])
+        assert r.timings.prompt_tokens == base + n_q, (r.timings.prompt_tokens, base, n_q)
+        ttfts.append(r.timings.time_to_first_token_ms)
+    phases['after_questions'] = rss_mb()
+    peaks['questions'] = peak_rss_mb()
+    reset_peak_rss()
+    _, question = _prompt_ids(eng, emb, args.context)
+    r = eng.generate(question, image=frames[1], max_new_tokens=args.decode_tokens,
+                     stop_token_ids=[])
+    phases['after_new_frame'] = rss_mb()
+    peaks['new frame: encode + full-context prefill + decode'] = peak_rss_mb()
+    tm = r.timings
+    return {'peak_rss_mb': max(peaks.values()), 'peak_rss_by_phase_mb': peaks,
+            'rss_phases_mb': phases, 'low_memory': args.kw.get('low_memory', False),
+            'eager_encode_and_prefill_ms': eager_ms, 'image_tiles': tm.image_tiles,
+            'image_tokens': tm.image_tokens, 'question_tokens': n_q,
+            'ttft_eager_ms': {'min': min(ttfts), 'median': float(np.median(ttfts)),
+                              'all': ttfts},
+            'new_frame': {'prompt_tokens': tm.prompt_tokens,
+                          'image_encode_ms': tm.image_encode_ms, 'prefill_ms': tm.prefill_ms,
+                          'ttft_ms': tm.time_to_first_token_ms,
+                          'decode_tokens_per_second': tm.tokens_per_second},
+            'kv_cache_mb': _kv_bytes(eng, tm.prompt_tokens + args.decode_tokens) / 2 ** 20}
 
 # ---------------------------------------------------------------------------
 # llama.cpp
@@ -252,99 +381,6 @@ def _llama_argmax(llm):
     # scores has only n_batch rows without logits_all: read the context's last logits
     logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
     return int(np.argmax(logits))
-
-
-def run_llama(args):
-    """Prefill tok/s per batch size and decode tok/s with llama-cpp-python.
-
-    One ``Llama`` at a time (each repacks the Q4_0 weights), so the peak RSS is that of a
-    single model with a ``context + decode_tokens`` KV cache (f16, llama.cpp's default).
-    """
-    import gc
-    from llama_cpp import Llama
-    ctx = args.context + args.decode_tokens
-    rng = np.random.default_rng(0)
-    ids = [1] + rng.integers(3, 30000, args.context - 1).tolist()
-    out = {'prefill': {}}
-
-    def load(chunk):
-        return Llama(args.gguf, n_ctx=ctx, n_batch=chunk, n_ubatch=chunk,
-                     n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-
-    def decode(llm, tok):
-        t = time.perf_counter()
-        for _ in range(args.decode_tokens - 1):
-            llm.eval([tok])
-            tok = _llama_argmax(llm)
-        return (args.decode_tokens - 1) / (time.perf_counter() - t)
-
-    for chunk in args.kw['chunks']:
-        llm = load(chunk)
-        t = time.perf_counter()
-        llm.eval(ids)
-        ms = (time.perf_counter() - t) * 1e3
-        out['prefill'][str(chunk)] = {'ms': ms, 'tokens_per_second': len(ids) / ms * 1e3}
-        if chunk == 128:
-            # decode at full context after the chunk-128 prefill (greedy, as our engine)
-            out['decode_tokens_per_second_at_context'] = decode(llm, _llama_argmax(llm))
-        del llm
-        gc.collect()
-    llm = load(128)
-    llm.eval(ids[:128])
-    out['decode_tokens_per_second_short'] = decode(llm, _llama_argmax(llm))
-    out['peak_rss_mb'] = peak_rss_mb()
-    out['gguf_mb'] = os.path.getsize(args.gguf) / 2 ** 20
-    out['kv_cache'] = 'f16'
-    return out
-
-
-def run_same_window(args):
-    """ORT decoders and llama.cpp loaded in one process and measured alternately.
-
-    On shared cores the load changes from minute to minute; interleaving the engines puts
-    them under the same conditions (the per-section numbers above are not).
-    """
-    from llama_cpp import Llama
-    ctx = args.context + args.decode_tokens
-    rng = np.random.default_rng(0)
-    ids = [1] + rng.integers(3, 250, args.context - 1).tolist()
-    engines = {d: _engine(argparse.Namespace(**{**vars(args), 'kw': {'decoder': d}}))
-               for d in args.kw['decoders']}
-    for e in engines.values():
-        e.load(vision=False)
-    llm = Llama(args.gguf, n_ctx=ctx, n_batch=128, n_ubatch=128, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False)
-    out = {name: {'prefill_tps': [], 'decode_tps_at_context': [], 'decode_tps_short': []}
-           for name in list(engines) + ['llama.cpp']}
-    n = args.kw.get('decode', 16)
-
-    def llama_run(prompt, decode):
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(prompt)
-        pre = len(prompt) / (time.perf_counter() - t)
-        tok = _llama_argmax(llm)
-        t = time.perf_counter()
-        for _ in range(decode):
-            llm.eval([tok])
-            tok = _llama_argmax(llm)
-        return pre, decode / (time.perf_counter() - t)
-
-    for rnd in range(args.kw.get('rounds', 2)):
-        for name in list(engines) + ['llama.cpp']:
-            for prompt, key in ((ids, 'decode_tps_at_context'), (ids[:128], 'decode_tps_short')):
-                if name == 'llama.cpp':
-                    pre, dec = llama_run(prompt, n)
-                else:
-                    r = engines[name].generate_ids(prompt, None, max_new_tokens=n + 1,
-                                                   stop_token_ids=[], prefill_chunk=128,
-                                                   reuse_prefix=False)
-                    pre, dec = r.timings.prefill_tokens_per_second, r.timings.tokens_per_second
-                if prompt is ids:
-                    out[name]['prefill_tps'].append(pre)
-                out[name][key].append(dec)
-    return {name: {k: float(np.median(v)) for k, v in m.items()} | {'runs': m}
-            for name, m in out.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -450,62 +486,93 @@ def run_slice(args):
 # report
 
 
+def _ratio(section, name, reference='llama.cpp Q4_0'):
+    """Median-of-rounds speedup of ``name`` over the reference in an interleaved section."""
+    return section.get('speedup_vs_reference', {}).get(name, {}).get('median_of_rounds')
+
+
+def headline(res):
+    """The issue's figures from the latest run of each section."""
+    out = {}
+    dec = res.get('decode', {})
+    for label in ('decode_at_context', 'decode_short', 'prefill'):
+        sec = dec.get(label, {})
+        for name in sec.get('contenders', {}):
+            r = _ratio(sec, name)
+            if r is not None:
+                out[f'{label}: {name} over llama.cpp'] = r
+        steps = dec.get('decode_steps_per_call', 1) if label != 'prefill' else None
+        for name, c in sec.get('contenders', {}).items():
+            if steps:
+                out[f'{label}: {name} tok/s (median)'] = steps * 1e3 / c['median_ms']
+            else:
+                out[f'{label}: {name} tok/s (median)'] = dec['context'] * 1e3 / c['median_ms']
+    vis = res.get('vision', {})
+    for name, t in vis.get('ms_per_tile', {}).items():
+        out[f'vision {name}: s per tile (median)'] = t['median'] / 1e3
+    for prec, cos in vis.get('cosine_vs_fp32', {}).items():
+        out[f'vision {prec}: min cosine to FP32'] = cos
+    for d, p in res.get('pipeline', {}).items():
+        if 'peak_rss_mb' in p:
+            out[f'pipeline {d}: peak RSS MiB'] = p['peak_rss_mb']
+            out[f'pipeline {d}: TTFT eager, 32-token question, ms (median)'] = (
+                p['ttft_eager_ms']['median'])
+            out[f'pipeline {d}: new frame TTFT ms'] = p['new_frame']['ttft_ms']
+    return out
+
+
 def plot(res, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 5, figsize=(23, 4))
-    series = {f'ORT {d}': o for d, o in res.get('ort', {}).items() if 'prefill' in o}
-    if 'prefill' in res.get('llama_cpp', {}):
-        series['llama.cpp Q4_0'] = res['llama_cpp']
-    chunks = sorted({c for o in series.values() for c in o['prefill']}, key=int)
-    x = np.arange(len(chunks))
-    w = 0.8 / max(1, len(series))
-    for k, (name, o) in enumerate(series.items()):
-        ax[0].bar(x + k * w, [o['prefill'].get(c, {}).get('tokens_per_second', 0)
-                              for c in chunks], w, label=name)
-    ax[0].set_xticks(x + 0.4 - w / 2, chunks)
-    ax[0].set_xlabel('prefill chunk (tokens)')
-    ax[0].set_ylabel('tokens/s')
-    ax[0].set_title(f'prefill, {res["context"]}-token prompt')
+    dec, vis, pipe = res.get('decode', {}), res.get('vision', {}), res.get('pipeline', {})
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
+    labels = [k for k in ('decode_at_context', 'decode_short', 'prefill') if k in dec]
+    names = []
+    for k in labels:
+        names += [n for n in dec[k]['contenders'] if n not in names]
+    w = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        med, mn = [], []
+        for k in labels:
+            c = dec[k]['contenders'].get(name)
+            tokens = dec['context'] if k == 'prefill' else dec['decode_steps_per_call']
+            med.append(tokens * 1e3 / c['median_ms'] if c else np.nan)
+            mn.append(tokens * 1e3 / c['min_ms'] if c else np.nan)
+        x = np.arange(len(labels)) + (i - (len(names) - 1) / 2) * w
+        ax[0].bar(x, med, w, label=name)
+        ax[0].plot(x, mn, 'k.', markersize=4)
+    ax[0].set_xticks(np.arange(len(labels)), [f'{k}' for k in labels], fontsize=8)
+    ax[0].set_ylabel('tokens/s (bar: median, dot: best)')
+    ax[0].set_title(f'LLM, interleaved, context {dec.get("context")}')
     ax[0].legend(fontsize=7)
-    names = list(series)
-    for j, key in enumerate(('decode_tokens_per_second_at_context',
-                             'decode_tokens_per_second_short')):
-        ax[1].bar(np.arange(len(names)) + j * 0.4, [series[n].get(key, 0) for n in names], 0.4,
-                  label='at context' if j == 0 else 'short prompt')
-    ax[1].set_xticks(np.arange(len(names)) + 0.2, names, fontsize=7)
-    ax[1].set_ylabel('tokens/s')
-    ax[1].set_title('decode')
+    tiles = vis.get('ms_per_tile', {})
+    ax[1].bar(list(tiles), [t['median'] / 1e3 for t in tiles.values()])
+    ax[1].plot(list(tiles), [t['min'] / 1e3 for t in tiles.values()], 'k.')
+    ax[1].axhline(2.5, color='r', ls='--', label='2.5 s target')
+    ax[1].set_ylabel('s per 384x384 tile')
+    ax[1].set_title('vision tower, interleaved')
+    ax[1].tick_params(axis='x', labelsize=7, labelrotation=15)
     ax[1].legend(fontsize=7)
-    v = res.get('vision', {})
-    labels = [p for p in ('fp32', 'int8') if 'ms_per_tile' in v.get(p, {})]
-    ax[2].bar(labels, [v[p]['ms_per_tile'] for p in labels])
-    ax[2].set_ylabel('ms per 384x384 tile')
-    ax[2].set_title('vision (SigLIP-400M + projector)')
-    pipe = {d: p['peak_rss_mb'] for d, p in res.get('pipeline', {}).items() if 'peak_rss_mb' in p}
-    if 'peak_rss_mb' in res.get('llama_cpp', {}):
-        pipe['llama.cpp (LLM only)'] = res['llama_cpp']['peak_rss_mb']
-    ax[3].bar(list(pipe), list(pipe.values()))
-    ax[3].axhline(2048, color='r', ls='--', label='2.0 GB target')
-    ax[3].set_ylabel('peak RSS (MiB)')
-    ax[3].set_title('memory, ViT + LLM + KV')
-    ax[3].tick_params(axis='x', labelsize=7, labelrotation=15)
+    rss = {d: p['peak_rss_mb'] for d, p in pipe.items() if 'peak_rss_mb' in p}
+    ax[2].bar(list(rss), list(rss.values()))
+    ax[2].axhline(2048, color='r', ls='--', label='2.0 GB target')
+    ax[2].set_ylabel('peak RSS (MiB)')
+    ax[2].set_title('pipeline: INT8 ViT + INT4 LLM + KV')
+    ax[2].tick_params(axis='x', labelsize=7, labelrotation=15)
+    ax[2].legend(fontsize=7)
+    ttft = {d: (p['ttft_eager_ms']['median'] / 1e3, p['new_frame']['ttft_ms'] / 1e3)
+            for d, p in pipe.items() if 'ttft_eager_ms' in p}
+    x = np.arange(len(ttft))
+    ax[3].bar(x - 0.2, [v[0] for v in ttft.values()], 0.4, label='frame encoded eagerly')
+    ax[3].bar(x + 0.2, [v[1] for v in ttft.values()], 0.4, label='new frame (encode+prefill)')
+    ax[3].set_yscale('log')
+    ax[3].set_xticks(x, list(ttft), fontsize=7)
+    ax[3].set_ylabel('time to first token (s)')
+    ax[3].set_title('answer latency')
     ax[3].legend(fontsize=7)
-    sw = res.get('same_window', {})
-    if sw and 'error' not in sw:
-        keys = ('prefill_tps', 'decode_tps_at_context', 'decode_tps_short')
-        x = np.arange(len(keys))
-        w = 0.8 / len(sw)
-        for k, (name, m) in enumerate(sw.items()):
-            ax[4].bar(x + k * w, [m[q] for q in keys], w, label=name)
-        ax[4].set_xticks(x + 0.4 - w / 2, ['prefill (chunk 128)', 'decode @ctx', 'decode short'],
-                         fontsize=7)
-        ax[4].set_ylabel('tokens/s')
-        ax[4].set_title('same window (engines interleaved)')
-        ax[4].legend(fontsize=7)
-    fig.suptitle(f'BlueLM-V-3B shape, random weights, {res["threads"]} threads '
-                 f'(shared 2-core VM: absolute numbers are noisy)')
+    fig.suptitle(f'BlueLM-V-3B shapes, random weights, {res["threads"]} threads, '
+                 f'load average {res.get("load_average_start")}')
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
@@ -517,70 +584,66 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--context', type=int, default=2048)
     ap.add_argument('--decode-tokens', type=int, default=32)
-    ap.add_argument('--chunks', default='32,128,512')
-    ap.add_argument('--decoders', default='',
-                    help='decoder keys of the bundle to measure (default: all INT4 ones)')
+    ap.add_argument('--rounds', type=int, default=5)
+    ap.add_argument('--decoders', default='int4-b128-kv8,int4-b128-gqa16,int4-b128-gqa32',
+                    help='decoders of the bundle in the decode comparison')
+    ap.add_argument('--prefill-decoders', default='int4-b128-kv8,int4-b128-gqa16',
+                    help='decoders in the (slow: ~40 s a call) prefill comparison')
+    ap.add_argument('--pipeline-decoders', default='int4-b128-kv8,int4-b128-gqa16,'
+                    'int4-b128-gqa16+low_memory', help='decoders (+low_memory: glibc '
+                    'returns freed buffers at once; slower)')
+    ap.add_argument('--vision', default='int8:4,int8-fused:4,int8-fused:2,int8-fused:1',
+                    help='vision graph:tile batch contenders (the first is the reference)')
+    ap.add_argument('--pipeline-vision', default='int8-fused')
     ap.add_argument('--gguf', default=DEFAULT_GGUF)
-    ap.add_argument('--only', default='vision,ort,pipeline,llama,genai,same_window',
-                    help='sections to (re)run; the others are kept from an existing vlm.json')
+    ap.add_argument('--only', default='vision,decode,pipeline',
+                    help='sections to (re)run (also: genai); the others are kept from '
+                    'an existing vlm.json')
     ap.add_argument('--genai-layers', type=int, default=4)
     ap.add_argument('--child', help=argparse.SUPPRESS)
     ap.add_argument('--kw', default='{}', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.kw = json.loads(args.kw)
     if args.child:
-        fn = {'vision': lambda: run_vision(args, args.kw['precision']),
-              'prefill': lambda: run_prefill_decode(args),
-              'pipeline': lambda: run_pipeline(args), 'llama': lambda: run_llama(args),
-              'genai': lambda: run_genai(args), 'slice': lambda: run_slice(args),
-              'same_window': lambda: run_same_window(args)}
-        print(json.dumps(fn[args.child]()))
+        fn = {'vision': run_vision, 'decode': run_decode, 'pipeline': run_pipeline,
+              'genai': run_genai, 'slice': run_slice}
+        print(json.dumps(fn[args.child](args)))
         return 0
 
     from bluelm_ros.runtime.vlm.bundle import Bundle
     only = set(args.only.split(','))
-    chunks = [int(c) for c in args.chunks.split(',')]
     b = Bundle(args.bundle, verify='size')
-    decoders = ([d for d in args.decoders.split(',') if d]
-                or [d for d in b.precisions('decoder') if d.startswith('int4')])
     res = {}
     old = os.path.join(os.path.dirname(plot_path('vlm')), 'vlm.json')
     if os.path.exists(old):
         with open(old) as f:
             res = json.load(f)
-    res.update({'machine': machine(), 'threads': args.threads, 'context': args.context,
-                'decode_tokens': args.decode_tokens, 'model': b.manifest['model'],
+        if res.get('format') != 'harness':  # results of the pre-harness script
+            res = {}
+    res.update({'format': 'harness', 'machine': machine(), 'threads': args.threads,
+                'context': args.context, 'decode_tokens': args.decode_tokens,
+                'model': b.manifest['model'], 'load_average_start': os.getloadavg(),
                 'weights': 'random (shapes of configs/bluelm-v-3b.json; LLM shape assumed)',
                 'file_sizes_mb': {k: round(v, 1) for k, v in b.describe().items()}})
-    res.setdefault('decoders', {}).update({d: b.entry('decoder', d) for d in decoders})
+    decoders = [d for d in args.decoders.split(',') if d]
+    res['decoders'] = {d: b.entry('decoder', d) for d in decoders}
     if 'vision' in only:
-        res['vision'] = {p: child(args, 'vision', precision=p) for p in b.precisions('vision')}
-        if {'fp32', 'int8'} <= set(res['vision']):
-            res['vision']['int8_speedup'] = (res['vision']['fp32']['ms_per_tile']
-                                             / res['vision']['int8']['ms_per_tile'])
-    if 'ort' in only:
-        res.setdefault('ort', {}).update(
-            {d: child(args, 'prefill', chunks=chunks, decoder=d) for d in decoders})
-    if 'pipeline' in only:
-        res.setdefault('pipeline', {}).update(
-            {d: child(args, 'pipeline', decoder=d) for d in decoders})
-        for d in decoders:
-            if '-kv8' in d:  # the memory-optimised variant, also with low_memory=True
-                res['pipeline'][f'{d}+low_memory'] = child(args, 'pipeline', decoder=d,
-                                                           low_memory=True)
-    if 'llama' in only:
-        try:
+        pairs = [c.split(':') for c in args.vision.split(',')]
+        res['vision'] = child(args, 'vision', precisions=sorted({p for p, _ in pairs}),
+                              contenders=[(p, int(bs)) for p, bs in pairs])
+    if 'decode' in only:
+        llama = _ensure_gguf(args, b)
+        res['decode'] = child(args, 'decode', decoders=decoders, llama=llama,
+                              prefill_decoders=args.prefill_decoders.split(','))
+        if llama:
             import llama_cpp
-            if not os.path.exists(args.gguf):
-                os.makedirs(os.path.dirname(args.gguf), exist_ok=True)
-                make_random_gguf(b.manifest['model'], args.gguf)
-            res['llama_cpp'] = child(args, 'llama', chunks=chunks)
-            res['llama_cpp']['version'] = llama_cpp.__version__
-        except ImportError as e:
-            res['llama_cpp'] = {'error': f'llama_cpp not importable: {e}'}
-    if 'same_window' in only:
-        res['same_window'] = child(args, 'same_window', decoders=decoders, rounds=1,
-                                   decode=16)
+            res['decode']['llama_cpp'] = {'version': llama_cpp.__version__, 'kv_cache': 'f16',
+                                          'gguf_mb': os.path.getsize(args.gguf) / 2 ** 20}
+    if 'pipeline' in only:
+        res['pipeline'] = {
+            d: child(args, 'pipeline', decoder=d.split('+')[0], vision=args.pipeline_vision,
+                     low_memory=d.endswith('+low_memory'))
+            for d in args.pipeline_decoders.split(',')}
     if 'genai' in only:
         try:
             import onnxruntime_genai as og
@@ -592,47 +655,25 @@ def main(argv=None):
                 'ours': child(args, 'slice', dir=ours, chunks=[128])}
         except ImportError as e:
             res['genai_vs_ours'] = {'error': f'onnxruntime_genai not importable: {e}'}
-    res['ratios'] = ratios(res)
+    res['load_average_end'] = os.getloadavg()
+    res['headline'] = headline(res)
     save('vlm', res)
     plot(res, plot_path('vlm'))
-    print(json.dumps(res, indent=1))
+    print(json.dumps(res['headline'], indent=1))
     return 0
 
 
-def ratios(res):
-    """Headline ratios (ORT over llama.cpp, memory over target, TTFT)."""
-    out = {}
-    ll = res.get('llama_cpp', {})
-    for d, o in res.get('ort', {}).items():
-        if 'prefill' in ll and 'prefill' in o:
-            for c in o['prefill']:
-                if c in ll['prefill']:
-                    out[f'{d}_prefill_chunk{c}_over_llama_cpp'] = (
-                        o['prefill'][c]['tokens_per_second']
-                        / ll['prefill'][c]['tokens_per_second'])
-            for k in ('decode_tokens_per_second_at_context', 'decode_tokens_per_second_short'):
-                out[f'{d}_{k}_over_llama_cpp'] = o[k] / ll[k]
-        p = res.get('pipeline', {}).get(d, {})
-        if 'ttft_with_image_encode_ms' in p and 'ttft_preencoded_ms' in o:
-            out[f'{d}_ttft_without_over_with_preencoded_image'] = (
-                p['ttft_with_image_encode_ms'] / o['ttft_preencoded_ms'])
-    for d, p in res.get('pipeline', {}).items():
-        if 'peak_rss_mb' in p:
-            out[f'{d}_peak_rss_over_2GB_target'] = p['peak_rss_mb'] / 2048
-    sw = res.get('same_window', {})
-    for d in res.get('ort', {}):
-        if d in sw and 'llama.cpp' in sw:
-            for k in ('prefill_tps', 'decode_tps_at_context', 'decode_tps_short'):
-                out[f'same_window_{d}_{k}_over_llama_cpp'] = sw[d][k] / sw['llama.cpp'][k]
-    g = res.get('genai_vs_ours', {})
-    if 'prefill' in g.get('genai', {}) and 'prefill' in g.get('ours', {}):
-        out['slice_prefill128_ours_over_genai'] = (
-            g['ours']['prefill']['128']['tokens_per_second']
-            / g['genai']['prefill']['128']['tokens_per_second'])
-        out['slice_decode_at_context_ours_over_genai'] = (
-            g['ours']['decode_tokens_per_second_at_context']
-            / g['genai']['decode_tokens_per_second_at_context'])
-    return out
+def _ensure_gguf(args, b):
+    """Make the same-shape random GGUF once; False when llama_cpp is not installed."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print('llama_cpp not importable: decode/prefill without llama.cpp', file=sys.stderr)
+        return False
+    if not os.path.exists(args.gguf):
+        os.makedirs(os.path.dirname(args.gguf), exist_ok=True)
+        make_random_gguf(b.manifest['model'], args.gguf)
+    return True
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ from bluelm_ros.runtime.vlm.bundle import (Bundle, BundleError, DecoderIO,  # no
 from bluelm_ros.runtime.vlm.decoder import Decoder  # noqa: E402
 from bluelm_ros.runtime.vlm.dynamic_resolution import DynamicResolution  # noqa: E402
 from bluelm_ros.runtime.vlm.engine import VLMEngine  # noqa: E402
+from bluelm_ros.runtime.vlm.gqa_decoder import GqaDecoder  # noqa: E402
 from bluelm_ros.runtime.vlm.image_encoder import ImageEmbedding  # noqa: E402
 from bluelm_ros.runtime.vlm.kv_buffer_decoder import KVBufferDecoder  # noqa: E402
 from bluelm_ros.runtime.vlm.results import ContextOverflowError  # noqa: E402
@@ -450,3 +451,144 @@ def test_reduced_precision_kv_cache(tiny, quant, kv):
     assert cos > 0.99 and agree > 0.8
     dtype = {'float16': np.float16, 'int8': np.int8}[kv]
     assert eng.decoder.buffers['past_key_values.0.key'].dtype == dtype
+
+
+# ---------------------------------------------------------------------------
+# the fused GroupQueryAttention decoder (export --attention gqa) and the fused vision tower
+
+
+@pytest.fixture(scope='module')
+def gqa(tiny):
+    """The tiny bundle plus gqa decoders: fp32 + int4 with an fp32 cache, int4 with fp16."""
+    model, path = tiny
+    export_bundle(model, path, ExportOptions(vision=(), attention='gqa', variant='gqa'),
+                  update=True)
+    export_bundle(model, path, ExportOptions(vision=(), decoder=('int4',), attention='gqa',
+                                             kv_dtype='float16', variant='gqa-kv16'),
+                  update=True)
+    return {key: VLMEngine(path, vision_precision='fp32', decoder_precision=key, threads=1)
+            for key in ('fp32-gqa', 'int4-gqa', 'int4-gqa-kv16')}
+
+
+def test_gqa_manifest_and_backend(tiny, gqa):
+    b = Bundle(tiny[1])
+    entry = b.entry('decoder', 'int4-gqa')
+    assert entry['attention'] == 'gqa' and b.decoder_attention('int4') == 'kv_buffer'
+    assert 'shared buffer' in entry['kv_layout']
+    eng = gqa['int4-gqa']
+    eng.generate('hi', max_new_tokens=2, stop_token_ids=[])
+    assert isinstance(eng.decoder, GqaDecoder)
+    # one buffer per layer and K/V, reserved whole: [1, kv_heads, max_context, head_dim]
+    n, t = b.config.text.num_hidden_layers, b.config.text
+    assert len(eng.decoder.buffers) == 2 * n
+    assert eng.decoder.buffers['past_key_values.0.value'].shape == (
+        1, t.num_key_value_heads, eng.max_context, t.head_dim)
+    with pytest.raises(ValueError, match='int8 cache needs calibrated'):
+        ExportOptions(attention='gqa', kv_dtype='int8').validate()
+    # a kv_buffer graph opened as gqa (or a layout this runtime lacks) names the fix
+    with pytest.raises(BundleError, match=r'not a gqa decoder graph.*--attention gqa'):
+        GqaDecoder.from_bundle(b, 'int4', 64)
+    with open(os.path.join(tiny[1], 'manifest.json')) as f:
+        manifest = json.load(f)
+    manifest['components']['decoder']['int4-gqa']['attention'] = 'paged'
+    b.manifest = manifest
+    b.components = manifest['components']
+    with pytest.raises(BundleError, match="attention 'paged'.*knows"):
+        VLMEngine(b, decoder_precision='int4-gqa', threads=1).load(vision=False)
+
+
+@pytest.mark.parametrize('shape', [(300, 700), (500, 400), None])
+def test_gqa_fp32_greedy_tokens_match_torch(tiny, gqa, shape):
+    model, eng = tiny[0], gqa['fp32-gqa']
+    image = _image(*shape, seed=shape[0]) if shape else None
+    emb = eng.encode_image(image) if shape else None
+    ids = eng.build_prompt('what is on the table ?', emb)
+    ref, ref_logits = _torch_greedy(model, ids, image)
+    res = eng.generate('what is on the table ?', image=image, max_new_tokens=NEW,
+                       stop_token_ids=[], reuse_prefix=False)
+    assert res.tokens == ref
+    got = eng.teacher_forced_logits(ids, ref[:-1], emb)
+    assert np.abs(got - ref_logits.numpy()).max() < 1e-3
+    for chunk in (1, 3, 128):  # chunked prefill into the shared buffer
+        r = eng.generate_ids(ids, emb, max_new_tokens=12, stop_token_ids=[],
+                             prefill_chunk=chunk, reuse_prefix=False)
+        assert r.tokens == ref[:12]
+
+
+def test_gqa_prefix_reuse_matches_fresh_run(gqa):
+    eng = gqa['fp32-gqa']
+    image = _image(500, 400, seed=4)
+    eng.reset()
+    key = VLMEngine.image_key(image)
+    eng.encode_image(image, key=key)
+    cached = eng.prepare(image_key=key)
+    kw = dict(image_key=key, max_new_tokens=8, stop_token_ids=[])
+    first = eng.generate('where is the cat ?', **kw)
+    second = eng.generate('what colour is it ?', **kw)  # overwrites the first's slots
+    assert first.timings.reused_prefix_tokens == cached
+    assert second.timings.reused_prefix_tokens >= cached
+    assert second.tokens == eng.generate('what colour is it ?', reuse_prefix=False,
+                                         **kw).tokens
+
+
+def test_gqa_int4_decoder_gives_the_old_int4_decoders_tokens(quant, gqa):
+    """Same weights, same MatMulNBits: only the attention kernel differs."""
+    for seed, shape in enumerate([(300, 700), (500, 400), (384, 384)]):
+        emb = quant.encode_image(_image(*shape, seed=seed))
+        ids = quant.build_prompt('describe the image', emb)
+        kw = dict(max_new_tokens=NEW, stop_token_ids=[], reuse_prefix=False)
+        old = quant.generate_ids(ids, emb, **kw)
+        assert gqa['int4-gqa'].generate_ids(ids, emb, **kw).tokens == old.tokens
+
+
+def test_gqa_fp16_kv_cache(gqa):
+    eng, base = gqa['int4-gqa-kv16'], gqa['int4-gqa']
+    image = _image(300, 700, seed=8)
+    emb = base.encode_image(image)
+    ids = base.build_prompt('describe the image', emb)
+    ref = base.generate_ids(ids, emb, max_new_tokens=16, stop_token_ids=[],
+                            reuse_prefix=False)
+    got = eng.teacher_forced_logits(ids, ref.tokens[:-1], emb)
+    want = base.teacher_forced_logits(ids, ref.tokens[:-1], emb)
+    agree = float(np.mean(got.argmax(-1) == np.asarray(ref.tokens)))
+    cos = float(np.mean(np.sum(got * want, -1) / np.linalg.norm(got, axis=-1)
+                        / np.linalg.norm(want, axis=-1)))
+    print(f'\ngqa fp16 KV vs fp32 KV (INT4): token agreement {agree:.3f}, cosine {cos:.5f}')
+    assert cos > 0.999 and agree > 0.9
+    assert eng.decoder.buffers['past_key_values.0.key'].dtype == np.float16
+
+
+def test_fused_vision_graph_matches_the_plain_one(tiny, fp32):
+    """The tiny bundle's vision graphs are fused (the default); a plain export agrees."""
+    model, path = tiny
+    b = Bundle(path)
+    fusion = b.entry('vision', 'fp32')['fusion']
+    assert fusion['ops']['Attention'] == b.config.vision.num_hidden_layers
+    assert 'Attention' in b.entry('vision', 'int8')['quantization']['ops']
+    export_bundle(model, path, ExportOptions(vision=('fp32',), decoder=(),
+                                             vision_fusion=False, vision_variant='plain'),
+                  update=True)
+    plain = VLMEngine(path, vision_precision='fp32-plain', decoder_precision='fp32',
+                      threads=1, verify='size')
+    assert Bundle(path).entry('vision', 'fp32-plain')['fusion'] is None
+    image = _image(500, 400, seed=21)
+    a, c = fp32.encode_image(image).embeds, plain.encode_image(image).embeds
+    assert np.abs(a - c).max() < 1e-4
+
+
+def test_low_memory_mode_frees_the_kv_cache_before_a_new_image(tiny, gqa):
+    """release_vision: the KV buffers are freed before a new image is encoded; the
+    answers stay the same (the new image's prompt is prefilled from scratch anyway)."""
+    eng = VLMEngine(tiny[1], vision_precision='fp32', decoder_precision='int4-gqa',
+                    threads=1, release_vision=True, verify='size')
+    a, b = _image(300, 700, seed=31), _image(500, 400, seed=32)
+    kw = dict(max_new_tokens=8, stop_token_ids=[])
+    eng.generate('what is it ?', image=a, **kw)
+    assert eng.decoder.buffers and eng.cached_tokens > 0
+    eng.encode_image(b)
+    assert not eng.decoder.buffers and eng.cached_tokens == 0
+    eng.encode_image(b)  # cached: nothing is freed
+    got = eng.generate('and this ?', image=b, **kw)
+    assert got.tokens == gqa['int4-gqa'].generate('and this ?', image=b, reuse_prefix=False,
+                                                  **kw).tokens
+    assert eng.decoder.buffers

@@ -80,12 +80,16 @@ class DecoderIO:
 
     ``inputs_embeds [1, T, hidden]``, ``position_ids [1, T]``, ``attention_mask [1, C]`` and
     every ``cache[i].past [1, kv_heads, C, d]`` in; ``logits [1, 1, vocab]`` (last position)
-    and every ``cache[i].present [1, kv_heads, T, d]`` (the new tokens only) out.
+    and every ``cache[i].present [1, kv_heads, T, d]`` (the new tokens only) out. A ``gqa``
+    decoder (tools/vlm/export_gqa.py) takes ``seqlens_k`` and ``total_sequence_length``
+    instead of positions and mask, and its past and present are one shared buffer.
     """
 
     inputs_embeds: str = 'inputs_embeds'
-    position_ids: str = 'position_ids'
-    attention_mask: str = 'attention_mask'
+    position_ids: str = 'position_ids'        # kv_buffer decoders
+    attention_mask: str = 'attention_mask'    # kv_buffer decoders
+    seqlens_k: str = 'seqlens_k'              # gqa decoders
+    total_sequence_length: str = 'total_sequence_length'  # gqa decoders
     logits: str = 'logits'
     cache: tuple = ()
 
@@ -256,6 +260,10 @@ class Bundle:
         files = self.entry(component, precision)['files']
         self.verify(files)
         return [self.file(f) for f in files]
+
+    def decoder_attention(self, precision: str) -> str:
+        """Attention layout of a decoder: ``kv_buffer`` (also every older export) or ``gqa``."""
+        return self.entry('decoder', precision).get('attention', 'kv_buffer')
 
     def vision_io(self, precision: str) -> VisionIO:
         """Input/output names of a vision graph."""

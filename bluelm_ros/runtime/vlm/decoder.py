@@ -65,6 +65,10 @@ class Decoder(abc.ABC):
         self._truncate(0)
         self._cached = []
 
+    def release(self) -> None:
+        """Forget the KV cache and give its memory back (reallocated on the next token)."""
+        self.reset()
+
     def prefill(self, embeds: np.ndarray, identities: Sequence, chunk: int,
                 need_logits: bool = True) -> Prefill:
         """Make the cache hold exactly these tokens, reusing the longest cached prefix.

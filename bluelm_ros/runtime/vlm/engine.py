@@ -16,7 +16,9 @@ No torch at run time. The engine runs a bundle written by ``bluelm-ros vlm-expor
   once. :meth:`VLMEngine.prepare` prefills that prefix before the question exists.
 
 The decoder is a backend behind a small interface; ``decoder_factory`` picks it (default:
-:class:`~bluelm_ros.runtime.vlm.kv_buffer_decoder.KVBufferDecoder`).
+:func:`open_decoder`, the backend the bundle's manifest names for that decoder:
+:class:`~bluelm_ros.runtime.vlm.kv_buffer_decoder.KVBufferDecoder` or
+:class:`~bluelm_ros.runtime.vlm.gqa_decoder.GqaDecoder`).
 """
 
 from __future__ import annotations
@@ -28,15 +30,29 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from bluelm_ros.runtime.memory import limit_heap_retention, trim_heap
-from bluelm_ros.runtime.vlm.bundle import Bundle
+from bluelm_ros.runtime.vlm.bundle import Bundle, BundleError, EXPORT_COMMAND, MANIFEST_NAME
 from bluelm_ros.runtime.vlm.chat_template import prompt_builder
 from bluelm_ros.runtime.vlm.image_encoder import image_key, ImageEmbedding, ImageEncoder
+from bluelm_ros.runtime.vlm.gqa_decoder import GqaDecoder
 from bluelm_ros.runtime.vlm.kv_buffer_decoder import KVBufferDecoder
 from bluelm_ros.runtime.vlm.results import (ContextOverflowError, GenerationResult,
                                             StreamCallback, Timings)
 from bluelm_ros.runtime.vlm.sampling import sample_token, TextStream
 from bluelm_ros.runtime.vlm.prompt import PromptEmbedder
 from bluelm_ros.runtime.vlm.tokenizer import VLMTokenizer
+
+# attention layout in the manifest -> the backend that runs it
+DECODER_BACKENDS = {'kv_buffer': KVBufferDecoder.from_bundle, 'gqa': GqaDecoder.from_bundle}
+
+
+def open_decoder(bundle: Bundle, precision: str, *args, **kwargs):
+    """Open a bundle's decoder with the backend of its attention layout."""
+    attention = bundle.decoder_attention(precision)
+    if attention not in DECODER_BACKENDS:
+        raise BundleError(f'{bundle.file(MANIFEST_NAME)}: decoder {precision} has attention '
+                          f'{attention!r}; this runtime knows {sorted(DECODER_BACKENDS)}. '
+                          f'Update bluelm_ros or re-export with `{EXPORT_COMMAND}`.')
+    return DECODER_BACKENDS[attention](bundle, precision, *args, **kwargs)
 
 
 class VLMEngine:
@@ -54,7 +70,8 @@ class VLMEngine:
         pad_tile_batches: zero-pad the last tile batch to ``tile_batch_size`` (a static
             shape for accelerators; wasted work on CPU).
         image_cache_size: encoded images kept (LRU).
-        release_vision: free the vision session after each encoding.
+        release_vision: the low-memory mode: free the vision session after each encoding,
+            and the KV cache before a new image is encoded (never both resident).
         kv_block: KV buffers grow in steps of this many tokens (attention reads the whole
             buffer, so it should stay close to the used length).
         verify: bundle verification, ``sha256`` / ``size`` / ``none``.
@@ -62,7 +79,7 @@ class VLMEngine:
             the node shares the cores, and variable chunk shapes inflate an arena).
         low_memory: call :func:`limit_heap_retention` (lowest peak RSS, slower prefill).
         decoder_factory: ``(bundle, precision, max_context, kv_block, providers,
-            **session_options) -> Decoder``; default ``KVBufferDecoder.from_bundle``.
+            **session_options) -> Decoder``; default :func:`open_decoder`.
     """
 
     def __init__(self, bundle: Union[str, Bundle], vision_precision: str = 'int8',
@@ -72,7 +89,7 @@ class VLMEngine:
                  release_vision: bool = False, kv_block: int = 256, verify: str = 'sha256',
                  providers: Optional[list] = None, spinning: bool = False,
                  arena: bool = False, low_memory: bool = False,
-                 decoder_factory: Callable = KVBufferDecoder.from_bundle):
+                 decoder_factory: Callable = open_decoder):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         self.config = cfg = self.bundle.config
         if prefill_chunk < 1:
@@ -142,7 +159,20 @@ class VLMEngine:
     def encode_image(self, image: np.ndarray, key: Optional[str] = None,
                      bgr: bool = False) -> ImageEmbedding:
         """Tile and encode an ``H x W x 3`` uint8 image, or return the cached encoding."""
+        key = key or self.image_key(np.asarray(image))
+        if self.images.cached(key) is None:
+            self._make_room_for_vision()
         return self.images.encode(image, key, bgr)
+
+    def _make_room_for_vision(self) -> None:
+        """With ``release_vision`` (the low-memory mode) a full KV cache and the vision
+        graph are never resident together: the cache is freed before a new image is
+        encoded. It costs nothing when the new image's prompt follows (its prefix differs
+        from the image on), only a re-prefill for a later question about an older frame.
+        """
+        if self.images.release_vision and self.decoder is not None:
+            with self._lock:
+                self.decoder.release()
 
     def _resolve_image(self, image, key, bgr, on_stage=None) -> tuple:
         """Return ``(ImageEmbedding or None, was_cached)``; encode an uncached image."""
@@ -161,6 +191,7 @@ class VLMEngine:
                            f'the image')
         if on_stage is not None:
             on_stage('encoding')
+        self._make_room_for_vision()
         return self.images.encode(image, key=key, bgr=bgr), False
 
     # -- prompt --------------------------------------------------------------------------

@@ -72,6 +72,10 @@ class KVBufferDecoder(Decoder):
         super().reset()
         self._mask = np.zeros((1, 0), np.int64)  # views are re-cut on the next step
 
+    def release(self) -> None:
+        super().release()
+        self._kv, self._store = {}, {}
+
     def close(self) -> None:
         self._session = None
         self._kv, self._store = {}, {}

@@ -75,7 +75,11 @@ from bluelm_ros.runtime.vlm.bundle import (DecoderIO, EMBED_NAME, graph_file, MA
                                            VisionIO)
 from bluelm_ros.runtime.vlm.config import BlueLMVConfig, CONFIG_FILE
 from bluelm_ros.runtime.vlm.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
+from bluelm_ros.tools.vlm import export_gqa
 from bluelm_ros.tools.vlm.configs import load_config
+from bluelm_ros.tools.vlm.export_gqa import GQA_KV_DTYPES
+from bluelm_ros.tools.vlm.vision_fusion import (FUSED_QUANT_OPS, fuse_vision_graph,
+                                                PLAIN_QUANT_OPS)
 from bluelm_ros.tools.vlm.modeling import (BlueLMV, DecoderLayer, LanguageModel, RMSNorm,
                                            RotaryEmbedding, VisionEmbeddings, apply_rope)
 
@@ -84,6 +88,9 @@ VISION_PRECISIONS = ('fp32', 'int8')
 DECODER_PRECISIONS = ('fp32', 'int4')
 LM_HEAD_PRECISIONS = ('fp32', 'int8', 'int4')
 KV_DTYPES = ('float32', 'float16', 'int8')
+# kv_buffer: our engine-owned buffers read by plain ONNX ops (runs on any ORT build);
+# gqa: ORT's fused GroupQueryAttention contrib op on a shared buffer (export_gqa.py)
+ATTENTIONS = ('kv_buffer', 'gqa')
 _MASK_MIN = torch.finfo(torch.float32).min
 # seed offsets of the parts of a random (meta-device) model
 HEAD_SEED, EMBED_SEED, VISION_SEED = 10_000, 20_000, 30_000
@@ -106,9 +113,12 @@ class ExportOptions:
     accuracy_level: int = 4
     lm_head: str = 'int8'
     kv_dtype: str = 'float32'
+    attention: str = 'kv_buffer'
     embed_dtype: str = 'float32'
     variant: str = ''
     vision_per_channel: bool = True
+    vision_fusion: bool = True
+    vision_variant: str = ''
     seed: int = 0
 
     def validate(self) -> None:
@@ -123,18 +133,28 @@ class ExportOptions:
             raise ValueError(f'lm_head {self.lm_head!r} not in {LM_HEAD_PRECISIONS}')
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f'kv_dtype {self.kv_dtype!r} not in {KV_DTYPES}')
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f'attention {self.attention!r} not in {ATTENTIONS}')
+        if self.attention == 'gqa' and self.kv_dtype not in GQA_KV_DTYPES:
+            raise ValueError(f'attention gqa takes kv_dtype {" or ".join(GQA_KV_DTYPES)} '
+                             '(its int8 cache needs calibrated static scales)')
         if self.embed_dtype not in ('float32', 'float16'):
             raise ValueError('embed_dtype must be float32 or float16')
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError('block_size must be a power of two >= 16')
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError('accuracy_level must be 0..4')
-        if self.variant and not self.variant.replace('-', '').isalnum():
-            raise ValueError('variant must be letters, digits and dashes')
+        for v in (self.variant, self.vision_variant):
+            if v and not v.replace('-', '').isalnum():
+                raise ValueError('variants must be letters, digits and dashes')
 
     def decoder_key(self, precision: str) -> str:
         """Manifest key and file stem of a decoder precision (``int4`` + variant)."""
         return f'{precision}-{self.variant}' if self.variant else precision
+
+    def vision_key(self, precision: str) -> str:
+        """Manifest key and file stem of a vision precision (``int8`` + variant)."""
+        return f'{precision}-{self.vision_variant}' if self.vision_variant else precision
 
 
 # ---------------------------------------------------------------------------
@@ -298,14 +318,15 @@ class DecoderEpilogue(nn.Module):
 
 
 def _to_onnx(module: nn.Module, args: tuple, input_names, output_names,
-             dynamic_axes) -> onnx.ModelProto:
+             dynamic_axes, custom_opsets: Optional[dict] = None) -> onnx.ModelProto:
     """Export with the TorchScript exporter into memory (parts stay < 2 GB)."""
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter('ignore')
         torch.onnx.export(module, args, buf, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dynamic_axes,
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                          custom_opsets=custom_opsets)
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -328,12 +349,25 @@ def quantize_nbits(model: onnx.ModelProto, bits: int, opts: ExportOptions,
     return q.model.model
 
 
-def quantize_int8_dynamic(src: str, dst: str, per_channel: bool) -> None:
-    """Int8 weights + dynamically quantized activations for the MatMuls (ViT)."""
+def quantize_int8_dynamic(src: str, dst: str, per_channel: bool,
+                          ops=tuple(PLAIN_QUANT_OPS)) -> list:
+    """Int8 weights + dynamically quantized activations for ``ops`` (ViT).
+
+    The MatMuls after the tower (downsampler, projector: 196 tokens per tile, a few % of
+    the FLOPs) stay float: quantizing them too cost the 3B tower's embedding cosine to
+    FP32 0.9990 -> 0.9994 at the same speed. Returns the names kept in float.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=['MatMul'],
+    graph = onnx.load(src, load_external_data=False).graph
+    keep_float = [n.name for n in graph.node
+                  if n.op_type == 'MatMul' and '/vision_tower/' not in n.name]
+    # DefaultTensorType: shape inference cannot type the outputs of fused contrib ops
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=list(ops),
                      per_channel=per_channel, use_external_data_format=True,
-                     extra_options={'MatMulConstBOnly': True})
+                     nodes_to_exclude=keep_float,
+                     extra_options={'MatMulConstBOnly': True,
+                                    'DefaultTensorType': onnx.TensorProto.FLOAT})
+    return keep_float
 
 
 def _rename_into(part: onnx.ModelProto, graph: onnx.GraphProto, prefix: str,
@@ -403,40 +437,76 @@ def export_vision(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
         io_info = {'io': io.to_entry(), 'inputs': {io.pixel_values: ['tiles', 3, s, s]},
                    'outputs': {io.image_embeds: ['tiles', cfg.tokens_per_tile,
                                                  cfg.text.hidden_size]}}
+        fusion, quant_ops = None, PLAIN_QUANT_OPS
+        if opts.vision_fusion:
+            fused = os.path.join(tmp, 'vision_fused.onnx')
+            fusion = {'method': 'onnxruntime.transformers.optimizer', 'model_type': 'clip',
+                      'opt_level': 0, 'ops': fuse_vision_graph(fp32, fused, cfg.vision)}
+            fp32, quant_ops = fused, FUSED_QUANT_OPS
         for prec in tqdm(opts.vision, desc='vision', unit='graph'):
-            path = os.path.join(out_dir, graph_file('vision', prec))
+            key = opts.vision_key(prec)
+            path = os.path.join(out_dir, graph_file('vision', key))
             if prec == 'fp32':
                 files = _save_onnx(onnx.load(fp32), path)
             else:
-                quantize_int8_dynamic(fp32, os.path.join(tmp, 'vision_q.onnx'),
-                                      opts.vision_per_channel)
+                kept = quantize_int8_dynamic(fp32, os.path.join(tmp, 'vision_q.onnx'),
+                                             opts.vision_per_channel, quant_ops)
                 files = _save_onnx(onnx.load(os.path.join(tmp, 'vision_q.onnx')), path)
             quant = None if prec == 'fp32' else {
                 'method': 'onnxruntime.quantization.quantize_dynamic', 'weight_type': 'int8',
-                'ops': ['MatMul'], 'per_channel': opts.vision_per_channel}
-            entries[prec] = {'files': files, 'precision': prec, 'quantization': quant,
-                             **io_info}
+                'ops': list(quant_ops), 'per_channel': opts.vision_per_channel,
+                'float_nodes': kept}
+            entries[key] = {'files': files, 'precision': prec, 'quantization': quant,
+                            'fusion': fusion, **io_info}
     return entries
 
 
 def _decoder_parts(lm: LanguageModel, opts: ExportOptions, kv_dtype: str, seed: int):
     """Yield ``(kind, index, onnx part)`` for prologue, layers, epilogue (fp32)."""
     cfg = lm.config
-    d, hkv, hd = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim
+    d = cfg.hidden_size
     t, cap = 3, 5
     tc = {0: 'batch', 1: 'seq'}
     was_meta = _is_meta(lm)
 
     if _is_meta(lm.rotary_emb):
         lm.rotary_emb = RotaryEmbedding(cfg)  # a buffer only: recompute it
-    pos = torch.arange(cap, cap + t)[None]
-    mask = torch.ones(1, cap, dtype=torch.long)
-    yield 'prologue', None, _to_onnx(
-        DecoderPrologue(lm), (pos, mask), ['position_ids', 'attention_mask'],
-        ['cos', 'sin', 'bias'],
-        {'position_ids': tc, 'attention_mask': {0: 'batch', 1: 'capacity'},
-         'cos': tc, 'sin': tc, 'bias': {0: 'batch', 3: 'seq', 4: 'keys'}})
+    if opts.attention == 'gqa':  # positions and masking live inside the fused op
+        for i, layer in enumerate(lm.layers):
+            _materialize(layer, seed + 1 + i)
+            part = _to_onnx(export_gqa.GqaLayerForExport(layer, kv_dtype).eval(),
+                            export_gqa.layer_example(lm, kv_dtype), export_gqa.LAYER_INPUTS,
+                            export_gqa.LAYER_OUTPUTS, export_gqa.LAYER_AXES,
+                            custom_opsets={'com.microsoft': 1})
+            _release(layer, was_meta)
+            yield 'layer', i, part
+    else:
+        pos = torch.arange(cap, cap + t)[None]
+        mask = torch.ones(1, cap, dtype=torch.long)
+        yield 'prologue', None, _to_onnx(
+            DecoderPrologue(lm), (pos, mask), ['position_ids', 'attention_mask'],
+            ['cos', 'sin', 'bias'],
+            {'position_ids': tc, 'attention_mask': {0: 'batch', 1: 'capacity'},
+             'cos': tc, 'sin': tc, 'bias': {0: 'batch', 3: 'seq', 4: 'keys'}})
+        yield from _kv_buffer_layers(lm, kv_dtype, seed, was_meta)
 
+    head = [lm.norm] + ([lm.embed_tokens] if lm.lm_head is None else [lm.lm_head])
+    for m in head:
+        # tied heads must draw the same table as export_embeddings
+        _materialize(m, seed + (EMBED_SEED if m is lm.embed_tokens else HEAD_SEED))
+    part = _to_onnx(DecoderEpilogue(lm).eval(), (torch.randn(1, t, d),), ['hidden'],
+                    ['logits'], {'hidden': tc, 'logits': {0: 'batch'}})
+    for m in head:
+        _release(m, was_meta)
+    yield 'epilogue', None, part
+
+
+def _kv_buffer_layers(lm: LanguageModel, kv_dtype: str, seed: int, was_meta: bool):
+    """Yield ``('layer', i, part)`` of the engine-owned-buffer layout."""
+    cfg = lm.config
+    d, hkv, hd = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim
+    t, cap = 3, 5
+    tc = {0: 'batch', 1: 'seq'}
     kvt = getattr(torch, kv_dtype)
     args = (torch.randn(1, t, d), torch.randn(1, t, hd), torch.randn(1, t, hd),
             torch.zeros(1, 1, 1, t, cap + t), torch.zeros(1, hkv, cap, hd, dtype=kvt),
@@ -457,16 +527,6 @@ def _decoder_parts(lm: LanguageModel, opts: ExportOptions, kv_dtype: str, seed: 
                         names_out, axes)
         _release(layer, was_meta)
         yield 'layer', i, part
-
-    head = [lm.norm] + ([lm.embed_tokens] if lm.lm_head is None else [lm.lm_head])
-    for m in head:
-        # tied heads must draw the same table as export_embeddings
-        _materialize(m, seed + (EMBED_SEED if m is lm.embed_tokens else HEAD_SEED))
-    part = _to_onnx(DecoderEpilogue(lm).eval(), (torch.randn(1, t, d),), ['hidden'],
-                    ['logits'], {'hidden': tc, 'logits': {0: 'batch'}})
-    for m in head:
-        _release(m, was_meta)
-    yield 'epilogue', None, part
 
 
 def export_decoders(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
@@ -498,7 +558,10 @@ def export_decoders(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
                 prefix = f'layers.{i}/'
                 io_map = {'hidden_in': io.inputs_embeds if i == 0 else f'hidden.{i}',
                           'hidden_out': f'hidden.{i + 1}', 'cos': 'cos', 'sin': 'sin',
-                          'bias': 'bias'}
+                          'bias': 'bias', 'seqlens_k': io.seqlens_k,
+                          'total_sequence_length': io.total_sequence_length,
+                          'cos_cache': export_gqa.COS_CACHE,
+                          'sin_cache': export_gqa.SIN_CACHE}
                 for t in io.layer(i):
                     io_map[f'past_{t.kind}'] = t.past
                     io_map[t.kind] = t.present
@@ -518,22 +581,31 @@ def export_decoders(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
 
     entries = {}
     d, hkv, hd, v = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+    gqa = opts.attention == 'gqa'
     for prec, g in graphs.items():
         kv, io = kv_dtypes[prec], ios[kv_dtypes[prec]]
         onnx_kv = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(kv))
-        f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+        f32, i32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64
         vi = onnx.helper.make_tensor_value_info
-        g.input.extend([vi(io.inputs_embeds, f32, [1, 'seq', d]),
-                        vi(io.position_ids, i64, [1, 'seq']),
-                        vi(io.attention_mask, i64, [1, 'capacity'])])
+        g.input.append(vi(io.inputs_embeds, f32, [1, 'seq', d]))
+        if gqa:
+            g.input.extend([vi(io.seqlens_k, i32, [1]), vi(io.total_sequence_length, i32, [])])
+            for name, table in zip((export_gqa.COS_CACHE, export_gqa.SIN_CACHE),
+                                   export_gqa.rope_tables(lm, kv)):
+                g.initializer.append(onnx.numpy_helper.from_array(table, name))
+        else:
+            g.input.extend([vi(io.position_ids, i64, [1, 'seq']),
+                            vi(io.attention_mask, i64, [1, 'capacity'])])
         g.output.append(vi(io.logits, f32, [1, 1, v]))
+        # past/present: [1, hkv, capacity, d] in / new tokens out, or one shared buffer
+        slots_in, slots_out = ('max_context', 'max_context') if gqa else ('capacity', 'seq')
         for t in io.cache:  # key/value in the KV dtype, int8 scales in float32
             scale = t.kind.endswith('_scale')
             dtype, last = (f32, 1) if scale else (onnx_kv, hd)
-            g.input.append(vi(t.past, dtype, [1, hkv, 'capacity', last]))
-            g.output.append(vi(t.present, dtype, [1, hkv, 'seq', last]))
+            g.input.append(vi(t.past, dtype, [1, hkv, slots_in, last]))
+            g.output.append(vi(t.present, dtype, [1, hkv, slots_out, last]))
         opsets = [onnx.helper.make_opsetid('', OPSET)]
-        if prec == 'int4':
+        if prec == 'int4' or gqa:
             opsets.append(onnx.helper.make_opsetid('com.microsoft', 1))
         m = onnx.helper.make_model(g, opset_imports=opsets, producer_name='bluelm_ros')
         m.ir_version = 8  # ORT rejects the newest IR versions onnx writes by default
@@ -545,9 +617,11 @@ def export_decoders(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
             'method': 'MatMulNBits', 'bits': 4, 'block_size': opts.block_size,
             'symmetric': opts.symmetric, 'accuracy_level': opts.accuracy_level,
             'lm_head': opts.lm_head}
+        layout = ('shared buffer[1, kv_heads, max_context, head_dim] (past = present)'
+                  if gqa else 'buffer[1, kv_heads, capacity, head_dim]'
+                  + (' + scale[1, kv_heads, capacity, 1]' if kv == 'int8' else ''))
         entries[key] = {'files': files, 'precision': prec, 'quantization': quant,
-                        'kv_dtype': kv, 'kv_layout': 'buffer[1, kv_heads, capacity, head_dim]'
-                        + (' + scale[1, kv_heads, capacity, 1]' if kv == 'int8' else ''),
+                        'kv_dtype': kv, 'kv_layout': layout, 'attention': opts.attention,
                         'num_layers': n, 'logits': 'last', 'io': io.to_entry()}
     return entries
 
@@ -677,9 +751,16 @@ def main(argv=None) -> int:
     ap.add_argument('--accuracy-level', type=int, default=4)
     ap.add_argument('--lm-head', default='int8', choices=LM_HEAD_PRECISIONS)
     ap.add_argument('--kv-dtype', default='float32', choices=KV_DTYPES)
+    ap.add_argument('--attention', default='kv_buffer', choices=ATTENTIONS,
+                    help='decoder attention layout: kv_buffer (plain ONNX ops, engine-owned '
+                    'buffers) or gqa (ORT GroupQueryAttention, shared buffer; kv float32/16)')
     ap.add_argument('--embed-dtype', default='float32', choices=('float32', 'float16'))
     ap.add_argument('--variant', default='', help='decoder name suffix, e.g. "b64-kv8" '
                     '-> decoder_int4-b64-kv8.onnx (several INT4 decoders in one bundle)')
+    ap.add_argument('--no-vision-fusion', action='store_true',
+                    help='plain vision graphs (no fused Attention/SkipLayerNorm/FastGelu)')
+    ap.add_argument('--vision-variant', default='', help='vision name suffix, e.g. "fused" '
+                    '-> vision_int8-fused.onnx (several vision graphs in one bundle)')
     ap.add_argument('--update', action='store_true',
                     help='add the graphs to an existing bundle instead of replacing it')
     ap.add_argument('--seed', type=int, default=0)
@@ -691,7 +772,9 @@ def main(argv=None) -> int:
     opts = ExportOptions(vision=precs(a.vision), decoder=precs(a.decoder),
                          block_size=a.block_size, symmetric=not a.asymmetric,
                          accuracy_level=a.accuracy_level, lm_head=a.lm_head,
-                         kv_dtype=a.kv_dtype, embed_dtype=a.embed_dtype, variant=a.variant,
+                         kv_dtype=a.kv_dtype, attention=a.attention,
+                         embed_dtype=a.embed_dtype, variant=a.variant,
+                         vision_fusion=not a.no_vision_fusion, vision_variant=a.vision_variant,
                          seed=a.seed)
     if a.random:
         model, tok_dir = random_model(load_config(a.source)), a.tokenizer_dir
