@@ -274,7 +274,8 @@ def run_pipeline(args):
        token, then ``decode_tokens`` tokens (the KV cache at its full size).
     """
     eng = _engine(args, release_vision=True, low_memory=args.kw.get('low_memory', False),
-                  vision_precision=args.kw.get('vision', 'int8'))
+                  vision_precision=args.kw.get('vision', 'int8'),
+                  tile_batch_size=args.kw.get('tile_batch_size'))
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (1536, 768, 3), dtype=np.uint8) for _ in range(2)]
     phases, peaks = {'start': rss_mb()}, {}
@@ -305,6 +306,7 @@ def run_pipeline(args):
     tm = r.timings
     return {'peak_rss_mb': max(peaks.values()), 'peak_rss_by_phase_mb': peaks,
             'rss_phases_mb': phases, 'low_memory': args.kw.get('low_memory', False),
+            'tile_batch_size': eng.images.tile_batch_size,
             'eager_encode_and_prefill_ms': eager_ms, 'image_tiles': tm.image_tiles,
             'image_tokens': tm.image_tokens, 'question_tokens': n_q,
             'ttft_eager_ms': {'min': min(ttfts), 'median': float(np.median(ttfts)),
@@ -590,8 +592,9 @@ def main(argv=None):
     ap.add_argument('--prefill-decoders', default='int4-b128-kv8,int4-b128-gqa16',
                     help='decoders in the (slow: ~40 s a call) prefill comparison')
     ap.add_argument('--pipeline-decoders', default='int4-b128-kv8,int4-b128-gqa16,'
-                    'int4-b128-gqa16+low_memory', help='decoders (+low_memory: glibc '
-                    'returns freed buffers at once; slower)')
+                    'int4-b128-gqa16+tiles1,int4-b128-gqa16+tiles1+low_memory',
+                    help='decoders, +tiles1: vision batches of 1 tile, +low_memory: glibc '
+                    'returns freed buffers at once (slower prefill)')
     ap.add_argument('--vision', default='int8:4,int8-fused:4,int8-fused:2,int8-fused:1',
                     help='vision graph:tile batch contenders (the first is the reference)')
     ap.add_argument('--pipeline-vision', default='int8-fused')
@@ -642,7 +645,8 @@ def main(argv=None):
     if 'pipeline' in only:
         res['pipeline'] = {
             d: child(args, 'pipeline', decoder=d.split('+')[0], vision=args.pipeline_vision,
-                     low_memory=d.endswith('+low_memory'))
+                     low_memory='+low_memory' in d,
+                     tile_batch_size=1 if '+tiles1' in d else None)
             for d in args.pipeline_decoders.split(',')}
     if 'genai' in only:
         try:

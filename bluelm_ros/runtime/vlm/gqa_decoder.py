@@ -44,6 +44,12 @@ class GqaDecoder(Decoder):
             self._specs[t.past] = (spec.shape[1], spec.shape[3], _ORT_DTYPES[spec.type])
         self._buffers = {}    # past name -> numpy buffer (owns the memory)
         self._ort_values = {}  # past name -> OrtValue over that buffer
+        self._binding = None   # IOBinding with the buffers bound (the per-call inputs rebound)
+        logits = next(o for o in session.get_outputs() if o.name == io.logits)
+        if not all(isinstance(n, int) for n in logits.shape):
+            raise BundleError(f'{source}: logits shape {logits.shape} is not static. '
+                              f'Re-export the bundle with `{EXPORT_COMMAND} --attention gqa`.')
+        self._logits_shape = tuple(logits.shape)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, precision: str, max_context: int,
@@ -65,39 +71,44 @@ class GqaDecoder(Decoder):
     def release(self) -> None:
         super().release()
         self._buffers, self._ort_values = {}, {}  # large arrays: unmapped when dropped
+        self._binding = None
 
     def close(self) -> None:
         self._session = None
-        self._buffers, self._ort_values = {}, {}
+        self._buffers, self._ort_values, self._binding = {}, {}, None
         self._cached = []
 
     def _truncate(self, n: int) -> None:
         pass  # slots past seqlens_k are never read; the next tokens overwrite them
 
-    def _ensure_buffers(self) -> None:
-        if self._buffers:
-            return
-        for name, (hkv, d, dtype) in self._specs.items():
+    def _bound_buffers(self):
+        """The IOBinding with every KV buffer bound as past input and present output."""
+        if self._binding is not None:
+            return self._binding
+        binding = self._session.io_binding()
+        self._logits = np.zeros(self._logits_shape, np.float32)
+        binding.bind_ortvalue_output(self._io.logits,
+                                     ort.OrtValue.ortvalue_from_numpy(self._logits))
+        for tensor in self._io.cache:
+            hkv, d, dtype = self._specs[tensor.past]
             # np.zeros of this size is a lazy mapping: pages become resident when written
             buf = np.zeros((1, hkv, self.max_context, d), dtype)
-            self._buffers[name] = buf
-            self._ort_values[name] = ort.OrtValue.ortvalue_from_numpy(buf)
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            self._buffers[tensor.past], self._ort_values[tensor.past] = buf, value
+            binding.bind_ortvalue_input(tensor.past, value)
+            binding.bind_ortvalue_output(tensor.present, value)  # written in place
+        self._binding = binding
+        return binding
 
     def _append(self, embeds: np.ndarray) -> np.ndarray:
         start, t = self.cached_tokens, embeds.shape[0]
         if start + t > self.max_context:
             raise ValueError(f'{start + t} tokens exceed max_context {self.max_context}')
-        self._ensure_buffers()
         io = self._io
-        binding = self._session.io_binding()
-        binding.bind_cpu_input(io.inputs_embeds,
-                               np.ascontiguousarray(embeds[None], dtype=np.float32))
+        binding = self._bound_buffers()
+        embeds = np.ascontiguousarray(embeds[None], dtype=np.float32)
+        binding.bind_cpu_input(io.inputs_embeds, embeds)
         binding.bind_cpu_input(io.seqlens_k, np.array([start + t - 1], np.int32))
         binding.bind_cpu_input(io.total_sequence_length, np.array(start + t, np.int32))
-        binding.bind_output(io.logits)  # first: outputs come back in binding order
-        for tensor in io.cache:
-            value = self._ort_values[tensor.past]
-            binding.bind_ortvalue_input(tensor.past, value)
-            binding.bind_ortvalue_output(tensor.present, value)  # written in place
         self._session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()[0, -1]
+        return self._logits[0, -1].copy()

@@ -36,53 +36,77 @@ COS_CACHE, SIN_CACHE = 'rope.cos_cache', 'rope.sin_cache'
 
 
 class GroupQueryAttentionOp(torch.autograd.Function):
-    """``com.microsoft::GroupQueryAttention`` for the TorchScript exporter.
+    """``com.microsoft::GroupQueryAttention`` on packed QKV, for the TorchScript exporter.
 
     ``forward`` only has to give the traced graph its output shapes (ONNX Runtime computes
     the attention); ``symbolic`` emits the fused node.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length,
-                cos_cache, sin_cache, num_heads: int, kv_heads: int):
-        return query.clone(), past_key.clone(), past_value.clone()
+    def forward(ctx, qkv, past_key, past_value, seqlens_k, total_length, cos_cache,
+                sin_cache, num_heads: int, kv_heads: int):
+        b, t, _ = qkv.shape
+        return (qkv.new_zeros(b, t, num_heads * past_key.shape[-1]), past_key.clone(),
+                past_value.clone())
 
     @staticmethod
-    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length,
-                 cos_cache, sin_cache, num_heads: int, kv_heads: int):
-        outputs = g.op('com.microsoft::GroupQueryAttention', query, key, value, past_key,
+    def symbolic(g, qkv, past_key, past_value, seqlens_k, total_length, cos_cache,
+                 sin_cache, num_heads: int, kv_heads: int):
+        from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor
+        absent = _optional_input_placeholder_tensor(g)  # key/value: packed in qkv
+        outputs = g.op('com.microsoft::GroupQueryAttention', qkv, absent, absent, past_key,
                        past_value, seqlens_k, total_length, cos_cache, sin_cache,
                        num_heads_i=num_heads, kv_num_heads_i=kv_heads, do_rotary_i=1,
                        rotary_interleaved_i=0, outputs=3)
-        for out, like in zip(outputs, (query, past_key, past_value)):
+        for out, like in zip(outputs, (qkv, past_key, past_value)):
             out.setType(like.type())  # the exporter cannot infer a contrib op's outputs
         return outputs
+
+
+def _stacked_linear(*linears: nn.Linear) -> nn.Linear:
+    """One Linear computing several on the same input (outputs concatenated)."""
+    first = linears[0]
+    out = nn.Linear(first.in_features, sum(m.out_features for m in linears),
+                    bias=first.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in linears]))
+        if first.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in linears]))
+    return out
 
 
 class GqaLayerForExport(nn.Module):
     """One LLaMA block whose attention is a single fused GroupQueryAttention node.
 
     Same weights and maths as :class:`~bluelm_ros.tools.vlm.modeling.DecoderLayer`
-    (half-split RoPE, scale ``1/sqrt(head_dim)``, causal).
+    (half-split RoPE, scale ``1/sqrt(head_dim)``, causal). The q/k/v projections are one
+    MatMul (the op takes packed QKV) and so are gate/up: 3 of 7 weight MatMuls fewer per
+    layer and decode step, where each quantized GEMV is short and its dispatch shows.
+    Output columns are only concatenated, so the 4-bit blocks (along the input axis) are
+    the same as the separate projections'.
     """
 
     def __init__(self, layer: DecoderLayer, kv_dtype: str = 'float32'):
         super().__init__()
         self.layer = layer
         self.dtype = getattr(torch, kv_dtype)  # the op's compute type = the cache's
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv_proj = _stacked_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.gate_up_proj = _stacked_linear(mlp.gate_proj, mlp.up_proj)
+        self.intermediate = mlp.gate_proj.out_features
 
     def forward(self, hidden, past_key, past_value, seqlens_k, total_length, cos_cache,
                 sin_cache):
         """Return ``(hidden, present_key, present_value)``."""
-        layer, attn = self.layer, self.layer.self_attn
-        x = layer.input_layernorm(hidden)
-        q, k, v = (p(x).to(self.dtype) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        layer, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
+        qkv = self.qkv_proj(layer.input_layernorm(hidden)).to(self.dtype)
         out, key, value = GroupQueryAttentionOp.apply(
-            q, k, v, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+            qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
             attn.num_heads, attn.num_kv_heads)
         hidden = hidden + attn.o_proj(out.float())
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden, key, value
+        gate, up = self.gate_up_proj(layer.post_attention_layernorm(hidden)).split(
+            self.intermediate, dim=-1)
+        return hidden + mlp.down_proj(mlp.act(gate) * up), key, value
 
 
 def rope_tables(lm: LanguageModel, dtype: str = 'float32') -> tuple:
