@@ -15,7 +15,7 @@ from bluelm_ros.runtime.image import ImageError, to_rgb_uint8
 from bluelm_ros.runtime.scene_qa_service import (Generation, RequestError, SceneQAService,
                                                  Settings)
 from bluelm_ros.runtime.vlm.engine import VLMEngine
-from engine_helpers import SlowEngine
+from engine_helpers import EagerGate, SlowEngine
 from ros_helpers import wait_until
 
 
@@ -99,6 +99,29 @@ def test_eager_encoding_prefills_the_frame_so_a_question_pays_only_for_its_text(
     service.put_frame((frame(3), 'frame 3'))
     assert wait_until(lambda: h.encoded_tag() == 'frame 3')
     assert service.ask('now ?').frame_tag == 'frame 3'
+
+
+def test_eager_work_gives_way_to_a_question_that_arrives_meanwhile(harness, engine):
+    gate = EagerGate(engine)
+    h = harness()
+    h.engine = gate
+    service = h.start()
+    service.put_frame((frame(1), 'frame 1'))
+    assert wait_until(lambda: h.encoded_tag() == 'frame 1')
+    prefix = engine.cached_tokens
+    gate.armed = True
+    service.put_frame((frame(2), 'frame 2'))
+    assert gate.holding.wait(10)  # frame 2 encoded, its prefill not started
+    answer = service.ask('what is in front ?')
+    # the eager pass stopped before its first prefill chunk; the question is about the
+    # newer frame (already encoded) and prefilled its prefix itself
+    assert service.counters['eager_interrupted'] == 1
+    assert answer.success and answer.frame_tag == 'frame 2'
+    assert answer.timings.image_cached and answer.timings.reused_prefix_tokens < prefix
+    # idle again, the service finishes frame 2's prefix: the next question reuses it
+    assert wait_until(lambda: engine.cached_tokens == prefix)
+    again = service.ask('and now ?')
+    assert again.frame_tag == 'frame 2' and again.timings.reused_prefix_tokens == prefix
 
 
 def test_without_eager_encoding_the_newest_frame_is_encoded_on_demand(harness):

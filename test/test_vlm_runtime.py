@@ -28,7 +28,7 @@ from bluelm_ros.runtime.vlm.engine import VLMEngine  # noqa: E402
 from bluelm_ros.runtime.vlm.gqa_decoder import GqaDecoder  # noqa: E402
 from bluelm_ros.runtime.vlm.image_encoder import ImageEmbedding  # noqa: E402
 from bluelm_ros.runtime.vlm.kv_buffer_decoder import KVBufferDecoder  # noqa: E402
-from bluelm_ros.runtime.vlm.results import ContextOverflowError  # noqa: E402
+from bluelm_ros.runtime.vlm.results import ContextOverflowError, Interrupted  # noqa: E402
 from bluelm_ros.runtime.vlm.sampling import sample_token  # noqa: E402
 from bluelm_ros.tools.vlm.configs import load_config  # noqa: E402
 from bluelm_ros.tools.vlm.export import ExportOptions, export_bundle  # noqa: E402
@@ -592,3 +592,27 @@ def test_low_memory_mode_frees_the_kv_cache_before_a_new_image(tiny, gqa):
     assert got.tokens == gqa['int4-gqa'].generate('and this ?', image=b, reuse_prefix=False,
                                                   **kw).tokens
     assert eng.decoder.buffers
+
+
+def test_prepare_gives_way_to_a_request_and_keeps_what_it_did(tiny):
+    eng = VLMEngine(tiny[1], threads=1, prefill_chunk=4, verify='size')
+    image = _image(500, 400, seed=41)
+    key = VLMEngine.image_key(image)
+    with pytest.raises(Interrupted):  # before the first tile batch: nothing kept
+        eng.prepare(image, image_key=key, cancel=lambda: True)
+    assert eng.cached_image(key) is None and eng.cached_tokens == 0
+    eng.encode_image(image, key=key)
+    checks = []
+
+    def after_two_chunks():
+        checks.append(1)
+        return len(checks) > 2
+
+    with pytest.raises(Interrupted, match='after 8 of'):
+        eng.prepare(image_key=key, cancel=after_two_chunks)
+    assert eng.cached_tokens == 8
+    kw = dict(image_key=key, max_new_tokens=6, stop_token_ids=[])
+    res = eng.generate('what is it ?', **kw)
+    assert res.timings.reused_prefix_tokens == 8
+    assert res.tokens == eng.generate('what is it ?', reuse_prefix=False, **kw).tokens
+    assert eng.prepare(image_key=key) > 8  # uninterrupted, it finishes

@@ -7,9 +7,12 @@ Threading: :meth:`SceneQAService.put_frame` only keeps the newest frame (decoded
 the worker). ONE worker thread takes questions in FIFO order; when the queue is empty and
 eager encoding is on, it encodes the newest frame and prefills the prompt up to the end
 of the image (the paper's decoupled image encoding), so a later question only pays for
-its text. Questions beyond ``queue_size`` are refused "busy"; one still queued or running
-after ``request_timeout`` gets "timeout". Every submitted question gets exactly one
-:class:`Answer`, also handed to ``on_answer``.
+its text. That eager work gives way to a question that arrives meanwhile, between tile
+batches and prefill chunks (counted as ``eager_interrupted``): the question is about the
+new frame if its encoding finished (the question prefills what the eager pass left), else
+about the previous one. Questions beyond ``queue_size`` are refused "busy"; one still
+queued or running after ``request_timeout`` gets "timeout". Every submitted question gets
+exactly one :class:`Answer`, also handed to ``on_answer``.
 
 Which frame a question is about: its own image if it has one; else, with eager encoding
 on, the newest frame that is already encoded (at most about one ``1 /
@@ -28,7 +31,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from bluelm_ros.runtime.image import ImageError
-from bluelm_ros.runtime.vlm.results import ContextOverflowError, Timings
+from bluelm_ros.runtime.vlm.results import ContextOverflowError, Interrupted, Timings
 from bluelm_ros.runtime.workers import LatestSlot, WorkerThread
 
 ERRORS = ('no_image', 'bad_request', 'bad_image', 'busy', 'timeout', 'cancelled',
@@ -405,10 +408,10 @@ class SceneQAService:
         encoded = self._encoded
         if (self._restore_prefix and encoded is not None
                 and self.engine.cached_image(encoded.frame.key) is not None):
-            # A question replaced (or extended) the frame's prefix in the KV cache: prefill
-            # it again (the encoding is cached; only what differs runs).
-            self.engine.prepare(image_key=encoded.frame.key, system=encoded.system)
-            self._restore_prefix = False
+            # A question replaced (or extended) the frame's prefix in the KV cache, or a
+            # question interrupted it: prefill it again (only what differs runs).
+            if self._prepare(image_key=encoded.frame.key, system=encoded.system):
+                self._restore_prefix = False
             return
         now = time.monotonic()
         if now < self._next_eager:
@@ -419,10 +422,25 @@ class SceneQAService:
         # Encode and prefill up to the end of the image: a question then only pays for its
         # own tokens (the engine reuses the cached prefix).
         system = self.settings().system_prompt
-        self.engine.prepare(newest.rgb, image_key=newest.key, system=system)
-        self._encoded, self._restore_prefix = EncodedFrame(newest, system), False
+        done = self._prepare(newest.rgb, image_key=newest.key, system=system)
+        if not done and self.engine.cached_image(newest.key) is None:
+            return  # gave way while encoding: the previous frame and its prefix stay
+        # encoded (the prefill maybe cut short: a question then finishes it, or the next
+        # idle turn does)
+        self._encoded, self._restore_prefix = EncodedFrame(newest, system), not done
         self._next_eager = now + 1.0 / self.settings().eager_encoding_rate
         self.counters['eager_encodings'] += 1
+
+    def _prepare(self, image=None, **kwargs) -> bool:
+        """Eager encoding + prefill that gives way to a queued question (between tile
+        batches and prefill chunks: at a 3B model's scale the whole of it takes ~25 s on
+        two cores); True when it finished."""
+        try:
+            self.engine.prepare(image, cancel=lambda: bool(self._queue), **kwargs)
+            return True
+        except Interrupted:
+            self.counters['eager_interrupted'] += 1
+            return False
 
     def _frame_for_question(self, eager):
         newest = self._refresh_newest()

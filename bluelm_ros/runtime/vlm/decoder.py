@@ -17,7 +17,7 @@ export) is one new module with a subclass, passed to the engine as ``decoder_fac
 from __future__ import annotations
 
 import abc
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -70,11 +70,14 @@ class Decoder(abc.ABC):
         self.reset()
 
     def prefill(self, embeds: np.ndarray, identities: Sequence, chunk: int,
-                need_logits: bool = True) -> Prefill:
+                need_logits: bool = True, cancel: Optional[Callable[[], bool]] = None
+                ) -> Prefill:
         """Make the cache hold exactly these tokens, reusing the longest cached prefix.
 
         Runs the rest ``chunk`` tokens per call. With ``need_logits`` the last token is
         always run (its logits are the first generation step), even when cached.
+        ``cancel`` is checked before each chunk; when it returns True the prefill stops
+        there (``logits`` None), the cache holding the chunks done so far.
         """
         n = len(identities)
         limit = min(len(self._cached), n - 1 if need_logits else n)
@@ -85,6 +88,8 @@ class Decoder(abc.ABC):
         del self._cached[reused:]
         logits = None
         for i in range(reused, n, chunk):
+            if cancel is not None and cancel():
+                return Prefill(None, reused)
             logits = self.step(embeds[i:i + chunk], identities[i:i + chunk])
         return Prefill(logits, reused)
 

@@ -36,7 +36,7 @@ from bluelm_ros.runtime.vlm.image_encoder import image_key, ImageEmbedding, Imag
 from bluelm_ros.runtime.vlm.gqa_decoder import GqaDecoder
 from bluelm_ros.runtime.vlm.kv_buffer_decoder import KVBufferDecoder
 from bluelm_ros.runtime.vlm.results import (ContextOverflowError, GenerationResult,
-                                            StreamCallback, Timings)
+                                            Interrupted, StreamCallback, Timings)
 from bluelm_ros.runtime.vlm.sampling import sample_token, TextStream
 from bluelm_ros.runtime.vlm.prompt import PromptEmbedder
 from bluelm_ros.runtime.vlm.tokenizer import VLMTokenizer
@@ -174,7 +174,7 @@ class VLMEngine:
             with self._lock:
                 self.decoder.release()
 
-    def _resolve_image(self, image, key, bgr, on_stage=None) -> tuple:
+    def _resolve_image(self, image, key, bgr, on_stage=None, cancel=None) -> tuple:
         """Return ``(ImageEmbedding or None, was_cached)``; encode an uncached image."""
         if isinstance(image, ImageEmbedding):
             return image, True
@@ -192,7 +192,7 @@ class VLMEngine:
         if on_stage is not None:
             on_stage('encoding')
         self._make_room_for_vision()
-        return self.images.encode(image, key=key, bgr=bgr), False
+        return self.images.encode(image, key=key, bgr=bgr, cancel=cancel), False
 
     # -- prompt --------------------------------------------------------------------------
 
@@ -224,15 +224,17 @@ class VLMEngine:
         return 0 if self.decoder is None else self.decoder.cached_tokens
 
     def prepare(self, image=None, image_key: Optional[str] = None,
-                system: Optional[str] = None, bgr: bool = False) -> int:
+                system: Optional[str] = None, bgr: bool = False,
+                cancel: Optional[Callable[[], bool]] = None) -> int:
         """Encode the image and prefill the prompt up to its end, before the question.
 
         The next :meth:`generate` with the same image and system prompt reuses that KV
         prefix and only prefills the question. Cheap when that prefix is cached already.
-        Returns the number of cached tokens.
+        Returns the number of cached tokens. ``cancel`` (checked between tile batches and
+        prefill chunks) makes it give way: :class:`Interrupted`, keeping what was done.
         """
         with self._lock:
-            emb, _ = self._resolve_image(image, image_key, bgr)
+            emb, _ = self._resolve_image(image, image_key, bgr, cancel=cancel)
             decoder = self._decoder()
             ids = self.build_prompt('', emb, system)
             # the prefix ends at the last image token: text after it merges with the
@@ -242,7 +244,10 @@ class VLMEngine:
             ids = ids[:last + 1] if emb is not None else ids[:1]
             self._check_fits(len(ids), emb)
             decoder.prefill(self.prompts.embed(ids, emb), self.prompts.identities(ids, emb),
-                            self.prefill_chunk, need_logits=False)
+                            self.prefill_chunk, need_logits=False, cancel=cancel)
+            if decoder.cached_tokens < len(ids):
+                raise Interrupted(f'prefill gave way to a request after '
+                                  f'{decoder.cached_tokens} of {len(ids)} tokens')
             return decoder.cached_tokens
 
     def teacher_forced_logits(self, prompt_ids: Sequence[int], continuation: Sequence[int],

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 import hashlib
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from bluelm_ros.runtime.ort_session import create_session
 from bluelm_ros.runtime.vlm.bundle import Bundle, EXPORT_COMMAND
 from bluelm_ros.runtime.vlm.dynamic_resolution import tile_batches
 from bluelm_ros.runtime.vlm.processors import build_image_processor
+from bluelm_ros.runtime.vlm.results import Interrupted
 
 
 @dataclass
@@ -107,10 +108,12 @@ class ImageEncoder:
             return emb
 
     def encode(self, image: np.ndarray, key: Optional[str] = None,
-               bgr: bool = False) -> ImageEmbedding:
+               bgr: bool = False, cancel: Optional[Callable[[], bool]] = None
+               ) -> ImageEmbedding:
         """Tile and encode an ``H x W x 3`` uint8 image, or return the cached encoding.
 
-        ``key`` identifies the frame; default: a hash of the pixels.
+        ``key`` identifies the frame; default: a hash of the pixels. ``cancel`` is checked
+        between tile batches: :class:`Interrupted` when it returns True (nothing cached).
         """
         key = key if key is not None else image_key(np.asarray(image))
         hit = self.cached(key)
@@ -123,6 +126,8 @@ class ImageEncoder:
             outs = []
             for batch, n in tile_batches(tiled.tiles, self.tile_batch_size,
                                          self.pad_tile_batches):
+                if cancel is not None and cancel():
+                    raise Interrupted('image encoding gave way to a request')
                 outs.append(session.run([self._io.image_embeds],
                                         {self._io.pixel_values: batch})[0][:n])
             hidden = self.bundle.config.text.hidden_size

@@ -9,6 +9,14 @@ from typing import Callable, Optional
 StreamCallback = Callable[[str, int], Optional[bool]]
 
 
+class Interrupted(RuntimeError):
+    """Eager work (``VLMEngine.prepare``) gave way to a request before it finished.
+
+    What was done stays usable: a finished image encoding stays cached, a partly
+    prefilled prefix stays in the KV cache (the next prompt reuses it).
+    """
+
+
 class ContextOverflowError(ValueError):
     """The prompt does not fit in the context window; the message says by how much."""
 
