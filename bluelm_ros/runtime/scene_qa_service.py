@@ -432,9 +432,11 @@ class SceneQAService:
         self.counters['eager_encodings'] += 1
 
     def _prepare(self, image=None, **kwargs) -> bool:
-        """Eager encoding + prefill that gives way to a queued question (between tile
-        batches and prefill chunks: at a 3B model's scale the whole of it takes ~25 s on
-        two cores); True when it finished."""
+        """Eager encoding + prefill that gives way to a queued question; True if finished.
+
+        It stops between tile batches and prefill chunks: at a 3B model's scale the whole
+        of it takes ~20 s on two cores.
+        """
         try:
             self.engine.prepare(image, cancel=lambda: bool(self._queue), **kwargs)
             return True

@@ -165,9 +165,10 @@ class VLMEngine:
         return self.images.encode(image, key, bgr)
 
     def _make_room_for_vision(self) -> None:
-        """With ``release_vision`` (the low-memory mode) a full KV cache and the vision
-        graph are never resident together: the cache is freed before a new image is
-        encoded. It costs nothing when the new image's prompt follows (its prefix differs
+        """Free the KV cache before a new image is encoded, in the low-memory mode.
+
+        With ``release_vision`` a full KV cache and the vision graph are never resident
+        together. It costs nothing when the new image's prompt follows (its prefix differs
         from the image on), only a re-prefill for a later question about an older frame.
         """
         if self.images.release_vision and self.decoder is not None:

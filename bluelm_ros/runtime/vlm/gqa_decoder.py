@@ -54,8 +54,11 @@ class GqaDecoder(Decoder):
     @classmethod
     def from_bundle(cls, bundle: Bundle, precision: str, max_context: int,
                     kv_block: int = 256, providers=None, **session_options):
-        """Open the ``precision`` decoder of a bundle (``kv_block`` is not used: the
-        buffers are reserved whole and filled as the context grows)."""
+        """Open the ``precision`` decoder of a bundle.
+
+        ``kv_block`` is not used: the buffers are reserved whole (lazily mapped) and fill
+        as the context grows.
+        """
         path = bundle.component_files('decoder', precision)[0]
         session, _ = create_session(path, providers, fix_hint='Re-export the bundle with '
                                     f'`{EXPORT_COMMAND} --attention gqa`.', **session_options)
@@ -82,7 +85,7 @@ class GqaDecoder(Decoder):
         pass  # slots past seqlens_k are never read; the next tokens overwrite them
 
     def _bound_buffers(self):
-        """The IOBinding with every KV buffer bound as past input and present output."""
+        """Return the IOBinding with every KV buffer bound as past input and present output."""
         if self._binding is not None:
             return self._binding
         binding = self._session.io_binding()

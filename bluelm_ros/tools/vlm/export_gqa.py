@@ -127,7 +127,7 @@ def rope_tables(lm: LanguageModel, dtype: str = 'float32') -> tuple:
 
 
 def layer_example(lm: LanguageModel, kv_dtype: str, filled: int = 5, new: int = 3) -> tuple:
-    """Example inputs for tracing one layer (shapes only)."""
+    """Return example inputs for tracing one layer (shapes only)."""
     cfg = lm.config
     cap = filled + new + 1
     kv = torch.zeros(1, cfg.num_key_value_heads, cap, cfg.head_dim,
