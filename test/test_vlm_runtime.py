@@ -212,20 +212,28 @@ def test_a_second_decoder_backend_gives_the_same_answers(tiny, quant):
 # parity with PyTorch
 
 
+@pytest.mark.parametrize('layout', ['kv_buffer', 'gqa'])
 @pytest.mark.parametrize('shape', [(300, 700), (500, 400), None])
-def test_fp32_greedy_tokens_match_torch(tiny, fp32, shape):
+def test_fp32_greedy_tokens_match_torch(tiny, request, layout, shape):
     model = tiny[0]
+    eng = (request.getfixturevalue('fp32') if layout == 'kv_buffer'
+           else request.getfixturevalue('gqa')['fp32-gqa'])
     image = _image(*shape, seed=shape[0]) if shape else None
-    emb = fp32.encode_image(image) if shape else None
-    ids = fp32.build_prompt('what is on the table ?', emb)
+    emb = eng.encode_image(image) if shape else None
+    ids = eng.build_prompt('what is on the table ?', emb)
     ref, ref_logits = _torch_greedy(model, ids, image)
-    res = fp32.generate('what is on the table ?', image=image, max_new_tokens=NEW,
-                        stop_token_ids=[], reuse_prefix=False)
+    res = eng.generate('what is on the table ?', image=image, max_new_tokens=NEW,
+                       stop_token_ids=[], reuse_prefix=False)
     assert res.tokens == ref
-    got = fp32.teacher_forced_logits(ids, ref[:-1], emb)
+    got = eng.teacher_forced_logits(ids, ref[:-1], emb)
     assert np.abs(got - ref_logits.numpy()).max() < 1e-3
     if shape:
         assert res.timings.image_tiles == emb.num_tiles and res.timings.image_cached
+    if layout == 'gqa':
+        for chunk in (1, 3, 128):  # chunked prefill into the shared buffer
+            r = eng.generate_ids(ids, emb, max_new_tokens=12, stop_token_ids=[],
+                                 prefill_chunk=chunk, reuse_prefix=False)
+            assert r.tokens == ref[:12]
 
 
 def test_int8_vision_int4_decoder_agreement(tiny, fp32, quant):
@@ -426,6 +434,21 @@ def test_runtime_does_not_import_torch():
     assert r.returncode == 0, r.stderr
 
 
+def _agreement(engine, base, seed=8):
+    """Teacher-forced token agreement and mean logit cosine of ``engine`` vs ``base``
+    on ``base``'s own greedy answer about one image."""
+    emb = base.encode_image(_image(300, 700, seed=seed))
+    ids = base.build_prompt('describe the image', emb)
+    ref = base.generate_ids(ids, emb, max_new_tokens=16, stop_token_ids=[],
+                            reuse_prefix=False)
+    got = engine.teacher_forced_logits(ids, ref.tokens[:-1], emb)
+    want = base.teacher_forced_logits(ids, ref.tokens[:-1], emb)
+    agree = float(np.mean(got.argmax(-1) == np.asarray(ref.tokens)))
+    cos = float(np.mean(np.sum(got * want, -1) / np.linalg.norm(got, axis=-1)
+                        / np.linalg.norm(want, axis=-1)))
+    return agree, cos
+
+
 @pytest.mark.parametrize('kv', ['float16', 'int8'])
 def test_reduced_precision_kv_cache(tiny, quant, kv):
     """FP16 / INT8 KV caches (memory options) stay close to the FP32-cache INT4 decoder."""
@@ -436,16 +459,7 @@ def test_reduced_precision_kv_cache(tiny, quant, kv):
     assert b.entry('decoder', f'int4-kv-{kv}')['kv_dtype'] == kv
     assert 'int8' in b.precisions('vision')  # the update kept the other graphs
     eng = VLMEngine(path, decoder_precision=f'int4-kv-{kv}', threads=1)
-    image = _image(300, 700, seed=8)
-    emb = quant.encode_image(image)
-    ids = quant.build_prompt('describe the image', emb)
-    ref = quant.generate_ids(ids, emb, max_new_tokens=16, stop_token_ids=[],
-                             reuse_prefix=False)
-    got = eng.teacher_forced_logits(ids, ref.tokens[:-1], emb)
-    base = quant.teacher_forced_logits(ids, ref.tokens[:-1], emb)
-    agree = float(np.mean(got.argmax(-1) == np.asarray(ref.tokens)))
-    cos = float(np.mean(np.sum(got * base, -1) / np.linalg.norm(got, axis=-1)
-                        / np.linalg.norm(base, axis=-1)))
+    agree, cos = _agreement(eng, quant)
     print(f'\n{kv} KV vs float32 KV (INT4 decoder): token agreement {agree:.3f}, '
           f'logit cosine {cos:.5f}')
     assert cos > 0.99 and agree > 0.8
@@ -497,24 +511,6 @@ def test_gqa_manifest_and_backend(tiny, gqa):
         VLMEngine(b, decoder_precision='int4-gqa', threads=1).load(vision=False)
 
 
-@pytest.mark.parametrize('shape', [(300, 700), (500, 400), None])
-def test_gqa_fp32_greedy_tokens_match_torch(tiny, gqa, shape):
-    model, eng = tiny[0], gqa['fp32-gqa']
-    image = _image(*shape, seed=shape[0]) if shape else None
-    emb = eng.encode_image(image) if shape else None
-    ids = eng.build_prompt('what is on the table ?', emb)
-    ref, ref_logits = _torch_greedy(model, ids, image)
-    res = eng.generate('what is on the table ?', image=image, max_new_tokens=NEW,
-                       stop_token_ids=[], reuse_prefix=False)
-    assert res.tokens == ref
-    got = eng.teacher_forced_logits(ids, ref[:-1], emb)
-    assert np.abs(got - ref_logits.numpy()).max() < 1e-3
-    for chunk in (1, 3, 128):  # chunked prefill into the shared buffer
-        r = eng.generate_ids(ids, emb, max_new_tokens=12, stop_token_ids=[],
-                             prefill_chunk=chunk, reuse_prefix=False)
-        assert r.tokens == ref[:12]
-
-
 def test_gqa_prefix_reuse_matches_fresh_run(gqa):
     eng = gqa['fp32-gqa']
     image = _image(500, 400, seed=4)
@@ -542,17 +538,8 @@ def test_gqa_int4_decoder_gives_the_old_int4_decoders_tokens(quant, gqa):
 
 
 def test_gqa_fp16_kv_cache(gqa):
-    eng, base = gqa['int4-gqa-kv16'], gqa['int4-gqa']
-    image = _image(300, 700, seed=8)
-    emb = base.encode_image(image)
-    ids = base.build_prompt('describe the image', emb)
-    ref = base.generate_ids(ids, emb, max_new_tokens=16, stop_token_ids=[],
-                            reuse_prefix=False)
-    got = eng.teacher_forced_logits(ids, ref.tokens[:-1], emb)
-    want = base.teacher_forced_logits(ids, ref.tokens[:-1], emb)
-    agree = float(np.mean(got.argmax(-1) == np.asarray(ref.tokens)))
-    cos = float(np.mean(np.sum(got * want, -1) / np.linalg.norm(got, axis=-1)
-                        / np.linalg.norm(want, axis=-1)))
+    eng = gqa['int4-gqa-kv16']
+    agree, cos = _agreement(eng, gqa['int4-gqa'])
     print(f'\ngqa fp16 KV vs fp32 KV (INT4): token agreement {agree:.3f}, cosine {cos:.5f}')
     assert cos > 0.999 and agree > 0.9
     assert eng.decoder.buffers['past_key_values.0.key'].dtype == np.float16
