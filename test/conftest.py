@@ -15,11 +15,13 @@ os.environ.setdefault('ROS_DOMAIN_ID', str(random.Random(os.getpid()).randint(1,
 def ros_context():
     """Init rclpy once per module; shut down after its executors are stopped."""
     rclpy = pytest.importorskip('rclpy')
+    from bluelm_ros.ros.common import release_dds
     rclpy.init()
     try:
         yield rclpy
     finally:
         rclpy.try_shutdown()
+        release_dds()  # else each module's DDS participant keeps its /dev/shm segments
 
 
 class SpinThread:

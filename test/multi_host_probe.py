@@ -25,6 +25,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, qos_profile_sensor_data, Reliab
 from sensor_msgs.msg import CompressedImage, Image
 
 from bluelm_ros.ros import interfaces
+from bluelm_ros.ros.common import release_dds
 
 WAIT = 60.0
 SRV = interfaces.load('srv')
@@ -176,6 +177,8 @@ def main():
     finally:
         probe.close()
         rclpy.try_shutdown()
+        probe = None
+        release_dds()
 
 
 if __name__ == '__main__':

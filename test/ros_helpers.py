@@ -1,6 +1,7 @@
 """Helpers shared by the ROS tests (imported as a plain module from test/): waiting, and
 running a real executable that must exit cleanly on Ctrl-C."""
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -62,8 +63,8 @@ def environment(**changes):
 class NodeProcess:
     """A command run as its own process (the real executable), its output in a log file.
 
-    ``with NodeProcess(...) as p:`` kills it if the test left it running; ``p.output()``
-    is everything it printed.
+    ``with NodeProcess(...) as p:`` stops it if the test left it running (SIGINT, SIGKILL
+    after 5 s); ``p.output()`` is everything it printed.
     """
 
     def __init__(self, args, log_path, cwd, env=None):
@@ -111,8 +112,13 @@ class NodeProcess:
 
     def __exit__(self, *exc):
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            # Ctrl-C first: a killed process cannot unlink its Fast DDS /dev/shm segments
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def assert_exited_cleanly(self):
         """Exit code 0, no traceback, no C++ abort (what Ctrl-C must give)."""

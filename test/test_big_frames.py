@@ -60,6 +60,9 @@ time.sleep(2.0)  # a camera keeps running: readers still copy the last frame's f
 print('sent', index, flush=True)
 node.destroy_node()
 rclpy.try_shutdown()
+pub = node = None
+from bluelm_ros.ros.common import release_dds
+release_dds()  # a normal exit alone left the profile's 128 MiB segment in /dev/shm
 '''
 
 

@@ -12,6 +12,8 @@ delivers each reply of a service to every client's reader, so a default client (
 10) loses its own reply when a burst of others' replies arrives first, which is a client
 setting, not a node fault (test_scene_qa_requests.py counts that case separately).
 """
+import os
+import re
 import signal
 import sys
 import time
@@ -26,13 +28,15 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from bluelm_ros.data.synthetic import render_scene  # noqa: E402
-from bluelm_ros.ros import image_codec, interfaces  # noqa: E402
+from bluelm_ros.ros import common, image_codec, interfaces  # noqa: E402
 from bluelm_ros.ros.bringup import default_params_file  # noqa: E402
 from bluelm_ros.runtime.shipped_models import VLM_BUNDLE  # noqa: E402
 
 from ros_helpers import Inbox, NodeProcess, wait_until  # noqa: E402
 
 WAIT = 60.0
+LARGE_FRAMES_PROFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), 'config', 'fastdds_large_frames.xml')
 EXIT_LIMIT = 2.0  # seconds from the first signal to the exit
 GAP = 0.15  # seconds between signals: the later ones land in the shutdown
 SEQUENCES = {
@@ -45,6 +49,20 @@ KEEP_ALL = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPol
 MSG = interfaces.load('msg')
 SRV = interfaces.load('srv')
 ACTION = interfaces.load('action')
+
+
+def dds_segments():
+    """Fast DDS shared-memory segments in /dev/shm (a process's data pools)."""
+    try:
+        return {f for f in os.listdir('/dev/shm') if re.fullmatch(r'fastdds_[0-9a-f]{16}', f)}
+    except FileNotFoundError:
+        return set()
+
+
+def own_segments():
+    """Segments this test process has mapped (its own probe nodes' and their peers')."""
+    with open('/proc/self/maps') as f:
+        return {os.path.basename(line.split()[-1]) for line in f if '/dev/shm/' in line}
 
 
 def send_signals(plan):
@@ -203,13 +221,22 @@ def _bringup_params(tmp_path, bundle):
 
 def test_segmentation_camera_and_bringup_exit_cleanly_while_working(
         spin, tiny_vlm_bundle, tmp_path):
-    """All three at once: a camera feeding a segmentation node, and a whole bringup."""
+    """All three at once: a camera feeding a segmentation node, and a whole bringup.
+
+    They also leave no Fast DDS shared-memory segment behind (``exit_process`` skips the
+    interpreter's teardown: the DDS participant must be destroyed before it).
+    """
     ns = 'signals_others'
+    before = dds_segments()
     camera = NodeProcess.node('bluelm_ros.ros.camera_source_node', tmp_path / 'camera.log',
                               tmp_path, '-r', f'__ns:=/{ns}', '-p', 'rate:=20.0',
                               '-p', 'width:=320', '-p', 'height:=240', '-p', 'reliable:=true')
+    # the shipped large-frame profile: its 128 MiB segments are what a leak would leave
+    profile = {common.fastdds_profiles_variable(): LARGE_FRAMES_PROFILE,
+               'RMW_FASTRTPS_USE_QOS_FROM_XML': '1'}
     seg = NodeProcess.node('bluelm_ros.ros.segmentation_node', tmp_path / 'seg.log', tmp_path,
-                           '-r', f'__ns:=/{ns}', '-p', 'qos.reliability:=reliable')
+                           '-r', f'__ns:=/{ns}', '-p', 'qos.reliability:=reliable',
+                           env=profile)
     bringup = NodeProcess([sys.executable, '-c', 'from bluelm_ros.ros.bringup import main; '
                            'main()', '--params', _bringup_params(tmp_path, tiny_vlm_bundle),
                            '--namespace', f'/{ns}_bringup', '--camera-source', 'synthetic'],
@@ -236,3 +263,5 @@ def test_segmentation_camera_and_bringup_exit_cleanly_while_working(
     print({name: times.get(p) for name, (p, _) in plan.items()})
     for p, _ in plan.values():
         assert_clean(p, times.get(p))
+    left = dds_segments() - before - own_segments()
+    assert not left, f'shared-memory segments left in /dev/shm by the exited nodes: {left}'

@@ -118,7 +118,7 @@ def add_arguments(p):
 
 def run(args):
     import rclpy
-    from bluelm_ros.ros.common import ShutdownSignals, init_rclpy
+    from bluelm_ros.ros.common import init_rclpy, release_dds, ShutdownSignals
     params = args.params if args.params is not None else default_params_file()
     if params and not os.path.isfile(params):
         print(f'bringup: parameters file not found: {params}', file=sys.stderr)
@@ -153,8 +153,11 @@ def run(args):
         if bringup is not None:
             bringup.stop()
         rclpy.try_shutdown()
-    if bringup is not None and bringup.thread.error is not None:
-        raise bringup.thread.error  # a callback raised: as spin() would have
+        error = bringup.thread.error if bringup is not None else None
+        bringup = None
+        release_dds()
+    if error is not None:
+        raise error  # a callback raised: as spin() would have
     return code
 
 

@@ -102,6 +102,7 @@ def run_demo(out, seeds=DEMO_SEEDS, duration=6.0, params=None):
     from rclpy.parameter import Parameter
 
     from bluelm_ros.ros import interfaces
+    from bluelm_ros.ros.common import release_dds
     from bluelm_ros.ros.image_codec import image_to_numpy
     from bluelm_ros.ros.bringup import Bringup, default_params_file
     from bluelm_ros.data.scene_qa import is_correct, SceneQAGenerator
@@ -191,6 +192,8 @@ def run_demo(out, seeds=DEMO_SEEDS, duration=6.0, params=None):
         if bringup is not None:
             bringup.stop()
         rclpy.try_shutdown()
+        client_exec = bringup = client = node = None  # release_dds needs them gone
+        release_dds()
     with open(os.path.join(out, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     print(f'[demo] summary written to {os.path.join(out, "summary.json")}', flush=True)
