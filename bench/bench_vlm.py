@@ -569,12 +569,13 @@ def plot(res, path):
     ax[3].bar(x - 0.2, [v[0] for v in ttft.values()], 0.4, label='frame encoded eagerly')
     ax[3].bar(x + 0.2, [v[1] for v in ttft.values()], 0.4, label='new frame (encode+prefill)')
     ax[3].set_yscale('log')
-    ax[3].set_xticks(x, list(ttft), fontsize=7)
+    ax[3].set_xticks(x, list(ttft), fontsize=7, rotation=15)
     ax[3].set_ylabel('time to first token (s)')
     ax[3].set_title('answer latency')
     ax[3].legend(fontsize=7)
+    load = ', '.join(f'{x:.2f}' for x in res.get('load_average_start', ()))
     fig.suptitle(f'BlueLM-V-3B shapes, random weights, {res["threads"]} threads, '
-                 f'load average {res.get("load_average_start")}')
+                 f'load average at start {load}')
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
