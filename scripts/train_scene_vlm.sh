@@ -42,6 +42,7 @@ fi
 # and evaluate it with ONNX Runtime (1,200 held-out questions in about a minute; PyTorch's
 # batched fp32 evaluation of the same set takes far longer on a CPU).
 case " $* " in *" --dry-run "*) exit 0 ;; esac
-"$PY" -m bluelm_ros.tools.vlm.export "$OUT" "$OUT/bundle" --vision int8 --decoder int4
+"$PY" -m bluelm_ros.tools.vlm.export "$OUT" "$OUT/bundle" --vision int8 --decoder int4 \
+  --attention gqa --kv-dtype float16
 "$PY" -m bluelm_ros.cli vlm-eval "$OUT/bundle" --per-type 200 --json "$OUT/bundle_eval.json"
 
