@@ -119,16 +119,6 @@ def _prompt_ids(engine, emb, n_total):
     return ids, q
 
 
-def _random_image_embedding(engine, grid=(2, 4)):
-    from bluelm_ros.runtime.vlm.dynamic_resolution import num_tiles
-    from bluelm_ros.runtime.vlm.image_encoder import ImageEmbedding
-    cfg = engine.config
-    n = num_tiles(grid) * cfg.tokens_per_tile
-    emb = np.random.default_rng(0).normal(0, 0.02, (n, cfg.text.hidden_size)).astype(np.float32)
-    return ImageEmbedding(key='random', embeds=emb, grid=grid, num_tiles=num_tiles(grid),
-                          image_size=(384 * grid[0], 384 * grid[1]), encode_ms=0.0)
-
-
 def _tiles(n, size, seed=0):
     """``n`` smooth random tiles in the vision graph's input range (not pure noise)."""
     import cv2

@@ -159,10 +159,7 @@ class VLMEngine:
     def encode_image(self, image: np.ndarray, key: Optional[str] = None,
                      bgr: bool = False) -> ImageEmbedding:
         """Tile and encode an ``H x W x 3`` uint8 image, or return the cached encoding."""
-        key = key or self.image_key(np.asarray(image))
-        if self.images.cached(key) is None:
-            self._make_room_for_vision()
-        return self.images.encode(image, key, bgr)
+        return self._resolve_image(image, key, bgr)[0]
 
     def _make_room_for_vision(self) -> None:
         """Free the KV cache before a new image is encoded, in the low-memory mode.

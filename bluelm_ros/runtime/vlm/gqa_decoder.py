@@ -77,9 +77,8 @@ class GqaDecoder(Decoder):
         self._binding = None
 
     def close(self) -> None:
+        self.release()
         self._session = None
-        self._buffers, self._ort_values, self._binding = {}, {}, None
-        self._cached = []
 
     def _truncate(self, n: int) -> None:
         pass  # slots past seqlens_k are never read; the next tokens overwrite them

@@ -77,10 +77,8 @@ class KVBufferDecoder(Decoder):
         self._kv, self._store = {}, {}
 
     def close(self) -> None:
+        self.release()
         self._session = None
-        self._kv, self._store = {}, {}
-        self._mask = np.zeros((1, 0), np.int64)
-        self._cached = []
 
     def _truncate(self, n: int) -> None:
         self._mask[:, n:] = 0

@@ -472,14 +472,9 @@ def _decoder_parts(lm: LanguageModel, opts: ExportOptions, kv_dtype: str, seed: 
     if _is_meta(lm.rotary_emb):
         lm.rotary_emb = RotaryEmbedding(cfg)  # a buffer only: recompute it
     if opts.attention == 'gqa':  # positions and masking live inside the fused op
-        for i, layer in enumerate(lm.layers):
-            _materialize(layer, seed + 1 + i)
-            part = _to_onnx(export_gqa.GqaLayerForExport(layer, kv_dtype).eval(),
-                            export_gqa.layer_example(lm, kv_dtype), export_gqa.LAYER_INPUTS,
-                            export_gqa.LAYER_OUTPUTS, export_gqa.LAYER_AXES,
-                            custom_opsets={'com.microsoft': 1})
-            _release(layer, was_meta)
-            yield 'layer', i, part
+        layer_class = export_gqa.GqaLayerForExport
+        trace = (export_gqa.layer_example(lm, kv_dtype), export_gqa.LAYER_INPUTS,
+                 export_gqa.LAYER_OUTPUTS, export_gqa.LAYER_AXES, {'com.microsoft': 1})
     else:
         pos = torch.arange(cap, cap + t)[None]
         mask = torch.ones(1, cap, dtype=torch.long)
@@ -488,7 +483,13 @@ def _decoder_parts(lm: LanguageModel, opts: ExportOptions, kv_dtype: str, seed: 
             ['cos', 'sin', 'bias'],
             {'position_ids': tc, 'attention_mask': {0: 'batch', 1: 'capacity'},
              'cos': tc, 'sin': tc, 'bias': {0: 'batch', 3: 'seq', 4: 'keys'}})
-        yield from _kv_buffer_layers(lm, kv_dtype, seed, was_meta)
+        layer_class = DecoderLayerForExport
+        trace = _kv_buffer_layer_trace(lm, kv_dtype) + (None,)
+    for i, layer in enumerate(lm.layers):
+        _materialize(layer, seed + 1 + i)
+        part = _to_onnx(layer_class(layer, kv_dtype).eval(), *trace)
+        _release(layer, was_meta)
+        yield 'layer', i, part
 
     head = [lm.norm] + ([lm.embed_tokens] if lm.lm_head is None else [lm.lm_head])
     for m in head:
@@ -501,8 +502,8 @@ def _decoder_parts(lm: LanguageModel, opts: ExportOptions, kv_dtype: str, seed: 
     yield 'epilogue', None, part
 
 
-def _kv_buffer_layers(lm: LanguageModel, kv_dtype: str, seed: int, was_meta: bool):
-    """Yield ``('layer', i, part)`` of the engine-owned-buffer layout."""
+def _kv_buffer_layer_trace(lm: LanguageModel, kv_dtype: str) -> tuple:
+    """Return ``(example args, input names, output names, axes)`` to trace a kv_buffer layer."""
     cfg = lm.config
     d, hkv, hd = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim
     t, cap = 3, 5
@@ -521,12 +522,7 @@ def _kv_buffer_layers(lm: LanguageModel, kv_dtype: str, seed: int, was_meta: boo
             'hidden_out': tc}
     axes.update({n: {0: 'batch', 2: 'capacity'} for n in names_in if n.startswith('past')})
     axes.update({n: {0: 'batch', 2: 'seq'} for n in names_out[1:]})
-    for i, layer in enumerate(lm.layers):
-        _materialize(layer, seed + 1 + i)
-        part = _to_onnx(DecoderLayerForExport(layer, kv_dtype).eval(), args, names_in,
-                        names_out, axes)
-        _release(layer, was_meta)
-        yield 'layer', i, part
+    return args, names_in, names_out, axes
 
 
 def export_decoders(model: BlueLMV, out_dir: str, opts: ExportOptions) -> dict:
